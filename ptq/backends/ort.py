@@ -1,0 +1,55 @@
+"""ONNX Runtime backend: FP16 by graph conversion, INT8 by static QDQ PTQ; runs on the CPU provider."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from ptq import quantize
+from ptq.backends import Backend, Compressed, CompressJob, Session
+from ptq.export import input_name
+
+
+class OrtSession(Session):
+    """An InferenceSession bound to the model's single input."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.input = session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input: batch})[0], dtype=np.float32)
+
+
+def open_session(path: str, threads: int) -> OrtSession:
+    """An ONNX Runtime CPU session with full graph optimization and a fixed thread count."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return OrtSession(ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def compress(self, job: CompressJob) -> Compressed:
+        if job.precision == "fp32":
+            return Compressed(job.fp32_onnx)
+        out = job.workdir / f"model_{job.precision}.onnx"
+        if job.precision == "fp16":
+            with job.phases("convert"):
+                return Compressed(quantize.to_fp16(job.fp32_onnx, out))
+        cache = job.workdir / "calibration_ranges.json"
+        reader = quantize.BatchReader(input_name(job.fp32_onnx), job.calib_batches(job.quant.calib_batch))
+        quantize.to_int8(job.fp32_onnx, out, reader, job.quant, job.phases, cache)
+        return Compressed(out, artifacts=[cache])
+
+    def open(self, model: Compressed, threads: int) -> Session:
+        return open_session(str(model.path), threads)
+
+    def versions(self) -> dict[str, str]:
+        return {"onnxruntime": ort.__version__}
+
+
+BACKEND = OrtBackend

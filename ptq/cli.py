@@ -1,0 +1,136 @@
+"""The `ptq` command line (typer): parses parameters and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from ptq import models, pipeline
+from ptq.config import RunConfig
+from ptq.errors import PtqError
+from ptq.quantize import QuantOptions
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure what post-training quantization costs and buys on this device.")
+console = Console(stderr=True)
+
+
+def _bool(name: str, text: str) -> bool:
+    """true/false (also yes/no, 1/0): options take a value so MLproject's string parameters pass straight through."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise PtqError(f"{name}={text!r} is not a boolean: use true or false")
+
+
+def _triple(text: str) -> tuple[float, float, float] | None:
+    if not text:
+        return None
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 3:
+        raise PtqError(f"expected three comma-separated numbers (one per channel), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Option(help="Alias (mob-s, r50, d201, lite0...), torchvision name, or path to an .onnx file")],
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8")] = "int8",
+    backend: Annotated[str, typer.Option(help="ort (ONNX Runtime CPU), torch or tensorrt")] = "ort",
+    weights: Annotated[str, typer.Option(help="pretrained, or random to characterize the architecture only")] = "pretrained",
+    data: Annotated[Optional[Path], typer.Option(help="ImageNet-style or flat <wnid>_*.JPEG folder [env: PTQ_DATA]")] = None,
+    calib_size: Annotated[int, typer.Option(help="Images used for calibration (disjoint from evaluation)")] = 100,
+    eval_size: Annotated[int, typer.Option(help="Images evaluated; 0 = every non-calibration image")] = 0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the calibration/evaluation split")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the latency measurement")] = 1,
+    eval_batch_size: Annotated[int, typer.Option(help="Batch size of the accuracy evaluation")] = 32,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = every core")] = 0,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up queries")] = 20,
+    iters: Annotated[int, typer.Option(help="Timed queries")] = 200,
+    calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile")] = QuantOptions.calib_method,
+    per_channel: Annotated[str, typer.Option(help="Per-channel weight scales: true/false")] = str(QuantOptions.per_channel).lower(),
+    activation_type: Annotated[str, typer.Option(help="uint8 or int8 activations")] = QuantOptions.activation_type,
+    weight_type: Annotated[str, typer.Option(help="int8 or uint8 weights")] = QuantOptions.weight_type,
+    quant_format: Annotated[str, typer.Option(help="qdq or qoperator")] = QuantOptions.quant_format,
+    percentile: Annotated[float, typer.Option(help="Percentile kept by calib_method=percentile")] = QuantOptions.percentile,
+    input_size: Annotated[int, typer.Option(help="Input side for model=*.onnx; 0 = 224")] = 0,
+    mean: Annotated[str, typer.Option(help="Per-channel mean for model=*.onnx, e.g. 0.5,0.5,0.5")] = "",
+    std: Annotated[str, typer.Option(help="Per-channel std for model=*.onnx")] = "",
+    experiment: Annotated[str, typer.Option(help="MLflow experiment name")] = "ptq",
+    monitor: Annotated[str, typer.Option(help="Sample resources during the run: true/false")] = "true",
+    monitor_interval: Annotated[float, typer.Option(help="Seconds between resource samples")] = 1.0,
+    progress: Annotated[str, typer.Option(help="Draw progress bars (on a terminal): true/false")] = "true",
+) -> None:
+    """Quantize, evaluate and benchmark one model; log everything to MLflow."""
+    cfg = RunConfig(
+        model=model,
+        precision=precision,
+        backend=backend,
+        weights=weights,
+        data=data,
+        calib_size=calib_size,
+        eval_size=eval_size or None,
+        split_seed=split_seed,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        threads=threads,
+        warmup=warmup,
+        iters=iters,
+        quant=QuantOptions(calib_method, _bool("per_channel", per_channel), activation_type, weight_type, quant_format, percentile),
+        input_size=input_size or None,
+        mean=_triple(mean),
+        std=_triple(std),
+        experiment=experiment,
+        monitor=_bool("monitor", monitor),
+        monitor_interval=monitor_interval,
+        progress=_bool("progress", progress) and sys.stderr.isatty(),
+    )
+    run_id = pipeline.run(cfg)
+    console.print(f"[green]run {run_id} finished[/green]: see `mlflow ui` or mlflow.search_runs()")
+    typer.echo(run_id)
+
+
+@app.command("models")
+def list_models(all_: Annotated[bool, typer.Option("--all", help="Also list every torchvision classifier")] = False) -> None:
+    """List the models ptq knows, with parameter counts, input size and whether weights are on this machine."""
+    table = Table("name", "source", "params (M)", "input", "mean/std", "pretrained weights here")
+    names = models.known_names() + ([n for n in models.torchvision_classifiers() if n not in models.TORCHVISION_ALIASES.values()] if all_ else [])
+    for name in names:
+        spec = models.resolve(name)
+        if spec.num_params is None and spec.build is not None:
+            spec.num_params = models.count_params(spec.build("random"))
+        t = spec.transform
+        table.add_row(
+            name,
+            spec.source,
+            f"{spec.num_params / 1e6:.1f}" if spec.num_params else "?",
+            f"{t.resize}->{t.crop}",
+            f"{t.mean[0]:g}/{t.std[0]:g}" if t.mean[0] == 0.5 else "imagenet",
+            "yes" if spec.weights_available else f"no ({spec.weights_note})",
+        )
+    Console().print(table)
+    if not all_:
+        Console().print("Any torchvision classifier name and any .onnx path also work (`ptq models --all`).")
+
+
+def main() -> None:
+    """Console-script entry: run the app, turning PtqError into one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    logging.getLogger("ptq").setLevel(logging.INFO)
+    try:
+        app()
+    except PtqError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

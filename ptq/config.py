@@ -1,0 +1,81 @@
+"""The parameters of one run, with their defaults; CLI, entry points and sweeps all fill this one object."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ptq.backends import PRECISIONS
+from ptq.errors import PtqError
+from ptq.models import WEIGHTS
+from ptq.quantize import QuantOptions
+
+
+@dataclass
+class RunConfig:
+    """Everything that reproduces a run; every field is logged as an MLflow param."""
+
+    model: str
+    precision: str = "int8"
+    backend: str = "ort"
+    weights: str = "pretrained"
+    data: Path | None = None
+    calib_size: int = 100
+    eval_size: int | None = None
+    split_seed: int = 0
+    batch_size: int = 1
+    eval_batch_size: int = 32
+    threads: int = 0  # 0: every core
+    warmup: int = 20
+    iters: int = 200
+    quant: QuantOptions = field(default_factory=QuantOptions)
+    input_size: int | None = None  # for model=*.onnx
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    experiment: str = "ptq"
+    monitor: bool = True
+    monitor_interval: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data is None and os.environ.get("PTQ_DATA"):
+            self.data = Path(os.environ["PTQ_DATA"])
+
+    def validate(self) -> None:
+        """Refuse bad parameters before any work is done."""
+        if self.precision not in PRECISIONS:
+            raise PtqError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.weights not in WEIGHTS:
+            raise PtqError(f"unknown weights {self.weights!r}: use one of {', '.join(WEIGHTS)}")
+        if self.data is None:
+            raise PtqError("no image data given: pass data=PATH (or set PTQ_DATA) to an ImageNet-style or flat <wnid>_*.JPEG folder")
+        for name in ("batch_size", "eval_batch_size", "iters"):
+            if getattr(self, name) < 1:
+                raise PtqError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.warmup < 0:
+            raise PtqError(f"warmup={self.warmup} must be 0 or more")
+        if self.monitor_interval <= 0:
+            raise PtqError(f"monitor_interval={self.monitor_interval} must be positive (seconds)")
+        self.quant.validate()
+
+    @property
+    def threads_used(self) -> int:
+        """CPU threads actually used: `threads`, or every core when it is 0."""
+        return self.threads if self.threads > 0 else os.cpu_count() or 1
+
+    def params(self) -> dict[str, str]:
+        """Flat string params for MLflow, spelled as the CLI and MLproject take them (0 = default, true/false)."""
+        flat = {k: v for k, v in asdict(self).items() if k not in ("quant", "progress")}
+        flat.update(asdict(self.quant))
+        flat.update(eval_size=self.eval_size or 0, input_size=self.input_size or 0, threads_used=self.threads_used)
+        out = {}
+        for key, value in flat.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = str(value).lower()
+            elif isinstance(value, tuple):
+                value = ",".join(f"{v:g}" for v in value)
+            out[key] = str(value)
+        return out

@@ -1,0 +1,164 @@
+"""Image folders, ImageNet labels, the seeded calibration/evaluation split and the tensor cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ptq.errors import PtqError
+from ptq.models import Transform
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+def imagenet_classes() -> list[tuple[str, str]]:
+    """The 1000 ImageNet (wnid, name) pairs in torchvision's class order (sorted wnids)."""
+    text = resources.files("ptq").joinpath("imagenet_classes.tsv").read_text()
+    return [tuple(line.split("\t", 1)) for line in text.splitlines() if line]  # type: ignore[misc]
+
+
+_WNID_INDEX = {wnid: i for i, (wnid, _) in enumerate(imagenet_classes())}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A list of labelled images and the content hash that identifies it."""
+
+    root: Path
+    files: tuple[Path, ...]
+    labels: tuple[int, ...]
+    content_hash: str
+
+
+def _label(wnid: str, path: Path) -> int:
+    if wnid not in _WNID_INDEX:
+        raise PtqError(f"{path} is not named or filed under an ImageNet wnid (like n01440764): rename it or move it out of the data folder")
+    return _WNID_INDEX[wnid]
+
+
+def scan(root: Path) -> Dataset:
+    """List images of an ImageNet-style folder (one sub-folder per wnid) or a flat folder of `<wnid>_*.JPEG`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PtqError(f"data folder {root} does not exist: pass data=PATH to an ImageNet-style or flat <wnid>_*.JPEG folder")
+    files: list[Path] = []
+    labels: list[int] = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            for f in sorted(entry.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(f)
+                    labels.append(_label(entry.name, f))
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(entry)
+            labels.append(_label(entry.name.split("_", 1)[0], entry))
+    if not files:
+        raise PtqError(f"data folder {root} holds no images (.JPEG/.jpg/.png): point data= at a folder of ImageNet images")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(root)).encode())
+        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return Dataset(root, tuple(files), tuple(labels), digest.hexdigest()[:16])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Disjoint calibration and evaluation indices into a Dataset, drawn with a logged seed."""
+
+    calib: tuple[int, ...]
+    eval: tuple[int, ...]
+
+
+def split(n: int, calib_size: int, eval_size: int | None, seed: int) -> Split:
+    """Seeded permutation: the first `calib_size` images calibrate, the next `eval_size` (default: the rest) evaluate."""
+    if calib_size < 0 or calib_size >= n:
+        raise PtqError(f"calib_size={calib_size} must be between 0 and {n - 1} (the data folder has {n} images)")
+    order = np.random.default_rng(seed).permutation(n)
+    rest = order[calib_size:]
+    if eval_size is not None:
+        if eval_size <= 0:
+            raise PtqError(f"eval_size={eval_size} must be positive, or left out to evaluate every non-calibration image")
+        rest = rest[:eval_size]
+    return Split(tuple(int(i) for i in sorted(order[:calib_size])), tuple(int(i) for i in sorted(rest)))
+
+
+def _decode(path: Path, t: Transform) -> np.ndarray | None:
+    """Resize shorter side to t.resize (bilinear), center-crop t.crop; uint8 CHW, or None if unreadable."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = t.resize / min(w, h)
+            img = img.resize((max(t.crop, round(w * scale)), max(t.crop, round(h * scale))), Image.BILINEAR)
+            w, h = img.size
+            left, top = (w - t.crop) // 2, (h - t.crop) // 2
+            img = img.crop((left, top, left + t.crop, top + t.crop))
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except (OSError, ValueError, SyntaxError) as exc:
+        log.warning("skipping unreadable image %s (%s)", path, exc)
+        return None
+
+
+def cache_dir() -> Path:
+    """Where decoded tensors are cached: $PTQ_CACHE_DIR, else ~/.cache/ptq."""
+    return Path(os.environ.get("PTQ_CACHE_DIR", Path.home() / ".cache" / "ptq"))
+
+
+@dataclass
+class Tensors:
+    """Decoded, cropped images (uint8 NCHW) for one dataset and transform; `ok[i]` is False where unreadable."""
+
+    pixels: np.ndarray
+    ok: np.ndarray
+    transform: Transform
+    from_cache: bool
+
+    def batch(self, indices: list[int] | tuple[int, ...]) -> np.ndarray:
+        """Normalized float32 NCHW batch for the given image indices."""
+        x = self.pixels[list(indices)].astype(np.float32) / 255.0
+        mean = np.asarray(self.transform.mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.transform.std, np.float32).reshape(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:
+    """Decode every image once per (dataset content, transform); later runs read the cache and decode nothing."""
+    key = f"{ds.content_hash}-{t.resize}-{t.crop}"
+    folder = cache_dir() / "tensors"
+    pix_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+    if pix_path.is_file() and meta_path.is_file():
+        try:
+            ok = np.asarray(json.loads(meta_path.read_text())["ok"], dtype=bool)
+            pixels = np.load(pix_path, mmap_mode="r")
+            if pixels.shape == (len(ds.files), 3, t.crop, t.crop) and len(ok) == len(ds.files):
+                for i in np.flatnonzero(~ok):
+                    log.warning("skipping unreadable image %s (cached)", ds.files[i])
+                return Tensors(pixels, ok, t, from_cache=True)
+        except (OSError, ValueError, KeyError):
+            log.warning("tensor cache %s is corrupt; decoding again", pix_path)
+    from ptq.progress import track
+
+    pixels = np.zeros((len(ds.files), 3, t.crop, t.crop), dtype=np.uint8)
+    ok = np.zeros(len(ds.files), dtype=bool)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = pool.map(lambda f: _decode(f, t), ds.files)
+        for i, arr in enumerate(track(decoded, total=len(ds.files), description="decode images", enabled=progress)):
+            if arr is not None:
+                pixels[i], ok[i] = arr, True
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = pix_path.with_suffix(".tmp.npy")
+    np.save(tmp, pixels)
+    os.replace(tmp, pix_path)
+    meta_path.write_text(json.dumps({"root": str(ds.root), "transform": t.key(), "ok": ok.tolist()}))
+    return Tensors(pixels, ok, t, from_cache=False)

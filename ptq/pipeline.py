@@ -1,0 +1,207 @@
+"""The flow of one run: export, compress, build, latency, evaluate against FP32, all logged to MLflow."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from ptq import bench, data, export, models, tracking
+from ptq.backends import Backend, Compressed, CompressJob, Session, get_backend
+from ptq.config import RunConfig
+from ptq.monitor import Monitor
+from ptq.phases import Phases
+from ptq.progress import track
+
+log = logging.getLogger(__name__)
+
+COMPRESS_PHASES = ("export", "preprocess", "calibrate", "quantize", "convert", "build")
+
+
+def run(cfg: RunConfig) -> str:
+    """Execute one run and return its MLflow run id. Bad input fails before the run starts."""
+    cfg.validate()
+    spec = models.resolve(cfg.model, cfg.input_size, cfg.mean, cfg.std)
+    backend = get_backend(cfg.backend)
+    backend.check(cfg.precision)
+    assert cfg.data is not None
+    dataset = data.scan(cfg.data)
+    split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)
+    torch.manual_seed(cfg.split_seed)  # weights=random is reproducible too
+    module = spec.build(cfg.weights) if spec.build else None
+    tracking.check_reachable()
+
+    params = {**cfg.params(), "data_hash": dataset.content_hash, "data_images": str(len(dataset.files))}
+    tags = {
+        "ptq.model_source": spec.source,
+        "ptq.accuracy": "measured" if cfg.weights == "pretrained" else "none (weights=random)",
+        "ptq.backend_device": backend.device(),
+        **{f"version.{k}": v for k, v in backend.versions().items()},
+    }
+    name = f"{spec.name}-{cfg.precision}-{cfg.backend}" + ("-random" if cfg.weights == "random" else "")
+    phases = Phases()
+    with tempfile.TemporaryDirectory(prefix="ptq-run-") as tmp, tracking.run(cfg.experiment, name, params, tags) as active:
+        monitor = Monitor(cfg.monitor_interval, phases) if cfg.monitor else None
+        try:
+            if monitor:
+                monitor.start()
+            _execute(cfg, spec, module, backend, dataset, split, phases, monitor, Path(tmp))
+        finally:
+            if monitor:
+                monitor.stop()
+                monitor.log_to_mlflow()
+        return str(active.info.run_id)
+
+
+def _execute(
+    cfg: RunConfig,
+    spec: models.ModelSpec,
+    module: torch.nn.Module | None,
+    backend: Backend,
+    dataset: data.Dataset,
+    split: data.Split,
+    phases: Phases,
+    monitor: Monitor | None,
+    work: Path,
+) -> None:
+    fp32_path = work / "model_fp32.onnx"
+    with phases("export"):
+        if spec.onnx_path is not None:
+            export.check(spec.onnx_path)
+            shutil.copyfile(spec.onnx_path, fp32_path)
+        else:
+            assert module is not None
+            export.to_onnx(module, spec.transform.crop, fp32_path)
+    mlflow.log_metric("size/fp32_bytes", fp32_path.stat().st_size)
+    if module is not None:
+        mlflow.log_metric("model/params", models.count_params(module))
+
+    with phases("load_data"):
+        tensors = data.load_tensors(dataset, spec.transform, progress=cfg.progress)
+    mlflow.set_tag("ptq.tensor_cache", "hit" if tensors.from_cache else "miss")
+    calib_idx = [i for i in split.calib if tensors.ok[i]]
+    eval_idx = [i for i in split.eval if tensors.ok[i]]
+    skipped = len(split.calib) + len(split.eval) - len(calib_idx) - len(eval_idx)
+    mlflow.log_metrics({"data/calib_images": len(calib_idx), "data/eval_images": len(eval_idx), "data/skipped_images": skipped})
+    mlflow.log_dict({"calib": [dataset.files[i].name for i in calib_idx], "eval": [dataset.files[i].name for i in eval_idx]}, "split.json")
+
+    def calib_batches(batch_size: int) -> Iterator[np.ndarray]:
+        starts = range(0, len(calib_idx), batch_size)
+        for s in track(starts, total=len(starts), description="calibrate", enabled=cfg.progress):
+            yield tensors.batch(calib_idx[s : s + batch_size])
+
+    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, cfg.quant, phases, work)
+    compressed = backend.compress(job)
+    with phases("build"):
+        session = backend.open(compressed, cfg.threads_used)
+    _log_compression(phases, fp32_path, compressed)
+
+    batch = tensors.batch((eval_idx * cfg.batch_size)[: cfg.batch_size])
+    latency = _latency(session, batch, cfg, phases, monitor, "")
+    mlflow.log_metrics(latency.metrics())
+    summary = {"latency p50 (ms)": latency.p50_ms, "throughput (img/s)": latency.img_s}
+
+    labels = np.asarray([dataset.labels[i] for i in eval_idx])
+    accuracy = None
+    if cfg.weights == "pretrained" and eval_idx:
+        if monitor:
+            monitor.count_images("evaluate", len(eval_idx))
+        with phases("evaluate"):
+            accuracy = bench.evaluate(session, tensors, eval_idx, labels, cfg.eval_batch_size, progress=cfg.progress)
+        mlflow.log_metrics({"acc/top1": accuracy.top1, "acc/top5": accuracy.top5})
+    del session
+
+    reference = accuracy
+    if cfg.precision != "fp32":
+        with phases("fp32_build"):
+            ref_model = backend.compress(replace(job, precision="fp32", phases=Phases()))
+            ref_session = backend.open(ref_model, cfg.threads_used)
+        ref_latency = _latency(ref_session, batch, cfg, phases, monitor, "fp32_")
+        speedup = ref_latency.p50_ms / latency.p50_ms
+        mlflow.log_metrics({"latency/fp32_p50_ms": ref_latency.p50_ms, "throughput/fp32_img_s": ref_latency.img_s, "speedup/p50": speedup})
+        summary["speed-up over fp32 (p50)"] = speedup
+        if speedup < 1.0:
+            note = f"{cfg.precision} is slower than fp32 here: {speedup:.2f}x the fp32 speed at batch {cfg.batch_size}"
+            log.warning(note)
+            mlflow.set_tag("ptq.warning", note)
+        if accuracy is not None:
+            if monitor:
+                monitor.count_images("fp32_evaluate", len(eval_idx))
+            with phases("fp32_evaluate"):
+                reference = bench.evaluate(ref_session, tensors, eval_idx, labels, cfg.eval_batch_size, "evaluate fp32", cfg.progress)
+        del ref_session
+    if accuracy is not None and reference is not None:
+        mlflow.log_metrics(
+            {
+                "acc/fp32_top1": reference.top1,
+                "acc/fp32_top5": reference.top5,
+                "acc/top1_drop_pt": 100 * (reference.top1 - accuracy.top1),
+                "acc/top5_drop_pt": 100 * (reference.top5 - accuracy.top5),
+            }
+        )
+        _log_predictions(work, dataset, eval_idx, accuracy, reference)
+        summary.update({"top-1": accuracy.top1, "fp32 top-1": reference.top1, "top-1 drop (points)": 100 * (reference.top1 - accuracy.top1)})
+    _log_summary(cfg, phases, fp32_path, compressed, summary)
+
+
+def _latency(session: Session, batch: np.ndarray, cfg: RunConfig, phases: Phases, monitor: Monitor | None, prefix: str) -> bench.Latency:
+    if monitor:
+        monitor.count_images(f"{prefix}latency", cfg.iters * len(batch))
+    with phases(f"{prefix}warmup"):
+        bench.warm_up(session, batch, cfg.warmup)
+    with phases(f"{prefix}latency"):
+        return bench.measure_latency(session, batch, cfg.iters)
+
+
+def _log_compression(phases: Phases, fp32_path: Path, compressed: Compressed) -> None:
+    times = {f"compress/{p}_s": phases.seconds[p] for p in COMPRESS_PHASES if p in phases.seconds}
+    times["compress/total_s"] = sum(times.values())
+    size = compressed.path.stat().st_size
+    mlflow.log_metrics({**times, "size/model_bytes": size, "size/ratio": fp32_path.stat().st_size / size})
+    mlflow.log_artifact(str(fp32_path), "model")
+    if compressed.path != fp32_path:
+        mlflow.log_artifact(str(compressed.path), "model")
+    for extra in compressed.artifacts:
+        mlflow.log_artifact(str(extra), "model")
+
+
+def _log_predictions(work: Path, dataset: data.Dataset, eval_idx: list[int], acc: bench.Accuracy, ref: bench.Accuracy) -> None:
+    """Per-image top-5 of both models, for paired statistics (McNemar) across precisions."""
+    path = work / "predictions.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "top5", "fp32_top5", "correct", "fp32_correct"])
+        for row, i in enumerate(eval_idx):
+            writer.writerow(
+                [
+                    dataset.files[i].name,
+                    acc.labels[row],
+                    " ".join(map(str, acc.top5_pred[row])),
+                    " ".join(map(str, ref.top5_pred[row])),
+                    int(acc.top5_pred[row, 0] == acc.labels[row]),
+                    int(ref.top5_pred[row, 0] == ref.labels[row]),
+                ]
+            )
+    mlflow.log_artifact(str(path))
+
+
+def _log_summary(cfg: RunConfig, phases: Phases, fp32_path: Path, compressed: Compressed, summary: dict[str, float]) -> None:
+    lines = [
+        f"# {cfg.model} {cfg.precision} on {cfg.backend} (weights={cfg.weights})",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| size fp32 → {cfg.precision} (MB) | {fp32_path.stat().st_size / 1e6:.2f} → {compressed.path.stat().st_size / 1e6:.2f} |",
+    ]
+    lines += [f"| {phase} (s) | {secs:.2f} |" for phase, secs in phases.seconds.items()]
+    lines += [f"| {k} | {v:.4g} |" for k, v in summary.items()]
+    lines += ["", f"Latency: batch {cfg.batch_size}, {cfg.threads_used} threads, {cfg.warmup} warm-up + {cfg.iters} timed queries."]
+    mlflow.log_text("\n".join(lines) + "\n", "summary.md")

@@ -1,0 +1,132 @@
+"""ONNX-level compression with the field's tools: FP16 by graph conversion, INT8 by ONNX Runtime static PTQ."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    create_calibrator,
+    quant_pre_process,
+    quantize_static,
+    save_tensors_data,
+)
+
+from ptq.errors import PtqError
+from ptq.phases import Phases
+
+log = logging.getLogger(__name__)
+
+CALIB_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+QUANT_FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """The INT8 technique knobs the study compares. Defaults are the best measured on lite0/r50 here (BENCHMARKS.md)."""
+
+    calib_method: str = "minmax"
+    per_channel: bool = True
+    activation_type: str = "uint8"  # int8 activations made r50 slower than FP32 on an AVX-512 VNNI CPU
+    weight_type: str = "int8"
+    quant_format: str = "qdq"
+    percentile: float = 99.999
+    symmetric_activations: bool = False  # TensorRT's explicit quantization needs symmetric int8 activations
+    calib_batch: int = 8
+
+    def validate(self) -> None:
+        """Refuse unknown values before any work is done."""
+        for name, value, allowed in (
+            ("calib_method", self.calib_method, CALIB_METHODS),
+            ("activation_type", self.activation_type, QUANT_TYPES),
+            ("weight_type", self.weight_type, QUANT_TYPES),
+            ("quant_format", self.quant_format, QUANT_FORMATS),
+        ):
+            if value not in allowed:
+                raise PtqError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+        if not 0 < self.percentile <= 100:
+            raise PtqError(f"percentile={self.percentile} must be in (0, 100]")
+
+
+class BatchReader(CalibrationDataReader):
+    """Feeds calibration images to ONNX Runtime's calibrator in batches."""
+
+    def __init__(self, input_name: str, batches: Iterator[np.ndarray]) -> None:
+        self.input_name = input_name
+        self.batches = batches
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def to_fp16(src: Path, dst: Path) -> Path:
+    """Convert weights and arithmetic to float16, keeping float32 inputs/outputs so callers need not change."""
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def to_int8(
+    src: Path,
+    dst: Path,
+    reader: CalibrationDataReader,
+    options: QuantOptions,
+    phases: Phases,
+    calib_cache: Path,
+) -> Path:
+    """Static PTQ: ORT pre-processing, calibration (ranges saved to `calib_cache`), then QDQ quantization."""
+    options.validate()
+    method = CALIB_METHODS[options.calib_method]
+    calib_extra: dict[str, object] = {"symmetric": options.symmetric_activations}
+    if method is CalibrationMethod.Percentile:
+        calib_extra["percentile"] = options.percentile
+    with tempfile.TemporaryDirectory(prefix="ptq-quant-") as tmp:
+        pre = Path(tmp) / "preprocessed.onnx"
+        with phases("preprocess"):
+            try:
+                quant_pre_process(str(src), str(pre))
+            except Exception as exc:  # symbolic shape inference fails on some graphs; quantize the plain one
+                log.warning("ONNX Runtime pre-processing failed (%s); quantizing the un-preprocessed model", exc)
+                pre = src
+        with phases("calibrate"):
+            calibrator = create_calibrator(
+                pre,
+                None,
+                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=method,
+                extra_options=calib_extra,
+            )
+            calibrator.collect_data(reader)
+            save_tensors_data(calibrator.compute_data(), calib_cache)
+            del calibrator
+        with phases("quantize"):
+            quantize_static(
+                str(pre),
+                str(dst),
+                None,
+                quant_format=QUANT_FORMATS[options.quant_format],
+                per_channel=options.per_channel,
+                activation_type=QUANT_TYPES[options.activation_type],
+                weight_type=QUANT_TYPES[options.weight_type],
+                calibrate_method=method,
+                calibration_cache_path=calib_cache,
+                extra_options={"ActivationSymmetric": options.symmetric_activations},
+            )
+    return dst
