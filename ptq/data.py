@@ -96,15 +96,15 @@ def split(n: int, calib_size: int, eval_size: int | None, seed: int) -> Split:
 def _decode(path: Path, t: Transform) -> np.ndarray | None:
     """Resize shorter side to t.resize (bilinear), center-crop t.crop; uint8 CHW, or None if unreadable."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = t.resize / min(w, h)
-            img = img.resize((max(t.crop, round(w * scale)), max(t.crop, round(h * scale))), Image.BILINEAR)
-            w, h = img.size
-            left, top = (w - t.crop) // 2, (h - t.crop) // 2
-            img = img.crop((left, top, left + t.crop, top + t.crop))
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+        with Image.open(path) as src:
+            img = src.convert("RGB")
+        w, h = img.size
+        scale = t.resize / min(w, h)
+        img = img.resize((max(t.crop, round(w * scale)), max(t.crop, round(h * scale))), Image.Resampling.BILINEAR)
+        w, h = img.size
+        left, top = (w - t.crop) // 2, (h - t.crop) // 2
+        img = img.crop((left, top, left + t.crop, top + t.crop))
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
     except (OSError, ValueError, SyntaxError) as exc:
         log.warning("skipping unreadable image %s (%s)", path, exc)
         return None
@@ -142,8 +142,8 @@ def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:
             ok = np.asarray(json.loads(meta_path.read_text())["ok"], dtype=bool)
             pixels = np.load(pix_path, mmap_mode="r")
             if pixels.shape == (len(ds.files), 3, t.crop, t.crop) and len(ok) == len(ds.files):
-                for i in np.flatnonzero(~ok):
-                    log.warning("skipping unreadable image %s (cached)", ds.files[i])
+                for bad in np.flatnonzero(~ok):
+                    log.warning("skipping unreadable image %s (cached)", ds.files[bad])
                 return Tensors(pixels, ok, t, from_cache=True)
         except (OSError, ValueError, KeyError):
             log.warning("tensor cache %s is corrupt; decoding again", pix_path)

@@ -394,11 +394,11 @@ class Monitor:
         import matplotlib.pyplot as plt
 
         keys = sorted({k for s in self.samples for k in s.values})
-        wanted = [k for k in ("sys/cpu_pct", "proc/cpu_pct", "proc/rss_mb", "sys/ram_used_mb", "gpu/util_pct", "gpu/mem_mb") if k in keys]
+        wanted: list[str] = [k for k in ("sys/cpu_pct", "proc/cpu_pct", "proc/rss_mb", "sys/ram_used_mb", "gpu/util_pct", "gpu/mem_mb") if k in keys]
         wanted += [k for k in keys if k.startswith("power/")]
         fig, axes = plt.subplots(len(wanted), 1, figsize=(11, 1.9 * len(wanted) + 0.6), sharex=True, squeeze=False)
         spans = self._phase_spans()
-        colors = plt.get_cmap("tab20").colors
+        colors = [plt.get_cmap("tab20")(i) for i in range(20)]
         palette = {ph: colors[i % len(colors)] for i, ph in enumerate(dict.fromkeys(ph for ph, _, _ in spans))}
         for ax, key in zip(axes[:, 0], wanted):
             pts = [(s.t, s.values[key]) for s in self.samples if key in s.values]
