@@ -77,6 +77,18 @@ def test_lite0_int8_run_is_complete(lite0_store: str) -> None:
     assert run["metrics.data/calib_images"] == 60 and run["metrics.data/eval_images"] == 240
 
 
+def test_lite0_int8_resources_per_second_and_per_phase(lite0_store: str) -> None:
+    run = only_run()
+    history = mlflow.MlflowClient().get_metric_history(lite0_store, "proc/rss_mb")
+    assert len(history) >= 5 and max(m.step for m in history) >= 3  # a series over the run's seconds
+    for phase in ("export", "calibrate", "quantize", "latency", "evaluate", "fp32_evaluate"):
+        assert run[f"metrics.phase/{phase}/seconds"] > 0
+        assert run[f"metrics.phase/{phase}/rss_mb_peak"] > 100
+    assert run["metrics.phase/calibrate/cpu_pct_mean"] > 0
+    assert run["tags.monitor.psutil"] == "on"
+    assert run["tags.monitor.nvml"] == "on" or run["tags.monitor.nvml"].startswith("absent (")
+
+
 def test_lite0_int8_accuracy_and_drop(lite0_store: str) -> None:
     run = only_run()
     assert run["metrics.acc/fp32_top1"] > 0.75  # real pretrained weights on real images

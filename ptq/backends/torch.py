@@ -1,0 +1,72 @@
+"""PyTorch eager backend: the framework baseline, FP32 and FP16 on CUDA when present, on the CPU otherwise."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from ptq.backends import Backend, Compressed, CompressJob, Session
+from ptq.errors import PtqError
+
+
+class TorchSession(Session):
+    """A module on a device; `run` copies the result to the host, so GPU work is finished when it returns."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.module, self.device, self.dtype = module, device, dtype
+
+    @torch.inference_mode()
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(self.device, self.dtype, non_blocking=True)
+        return self.module(x).float().cpu().numpy()
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    precisions = ("fp32", "fp16")
+
+    def __init__(self) -> None:
+        self.dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+    def check(self, precision: str) -> None:
+        if precision == "int8":
+            raise PtqError("the torch backend runs fp32 and fp16 only (eager baseline): use backend=ort or backend=tensorrt for int8")
+        super().check(precision)
+
+    def compress(self, job: CompressJob) -> Compressed:
+        if job.module is None:
+            raise PtqError("the torch backend needs a torch model (alias, torchvision or lite name), not an .onnx file")
+        with job.phases("convert"):
+            module = copy.deepcopy(job.module).eval()
+            if job.precision == "fp16":
+                module = module.half()
+            path = job.workdir / f"model_{job.precision}.pt"
+            torch.save(module.state_dict(), path)
+        return Compressed(path, handle=module)
+
+    def open(self, model: Compressed, threads: int) -> Session:
+        if not isinstance(model.handle, torch.nn.Module):
+            raise PtqError(f"{model.path} was not produced by the torch backend in this run")
+        if self.dev.type == "cpu":
+            torch.set_num_threads(threads)
+        else:
+            torch.backends.cudnn.benchmark = True  # let cuDNN pick kernels during warm-up, as TensorRT does at build
+        module = model.handle.to(self.dev)
+        dtype = next(module.parameters()).dtype
+        return TorchSession(module, self.dev, dtype)
+
+    def versions(self) -> dict[str, str]:
+        out = {"torch": torch.__version__}
+        if torch.version.cuda:
+            out["cuda"] = str(torch.version.cuda)
+        if torch.backends.cudnn.is_available():
+            out["cudnn"] = str(torch.backends.cudnn.version())
+        return out
+
+    def device(self) -> str:
+        return torch.cuda.get_device_name(0) if self.dev.type == "cuda" else "cpu"
+
+
+BACKEND = TorchBackend
