@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import warnings
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from ptq.phases import Phases
 
 DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-1k"))
 WORK = Path(tempfile.mkdtemp(prefix="ptq-bench-"))
+warnings.filterwarnings("ignore")  # exporter and quantizer deprecation notices would bury the numbers
 
 
 def tensors_for(spec: models.ModelSpec) -> tuple[data.Dataset, data.Tensors]:

@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ptq.backends import PRECISIONS
+from ptq.backends import PRECISIONS, EngineOptions
 from ptq.errors import PtqError
 from ptq.models import WEIGHTS
 from ptq.quantize import QuantOptions
@@ -30,6 +30,10 @@ class RunConfig:
     warmup: int = 20
     iters: int = 200
     quant: QuantOptions = field(default_factory=QuantOptions)
+    workspace_mb: int = EngineOptions.workspace_mb
+    int8_mode: str = EngineOptions.int8_mode
+    dla_core: int = EngineOptions.dla_core
+    timing_cache: Path | None = None
     input_size: int | None = None  # for model=*.onnx
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -58,6 +62,13 @@ class RunConfig:
         if self.monitor_interval <= 0:
             raise PtqError(f"monitor_interval={self.monitor_interval} must be positive (seconds)")
         self.quant.validate()
+        self.engine().validate()
+
+    def engine(self) -> EngineOptions:
+        """Builder settings for engine-compiling backends; the profile spans the latency and evaluation batches."""
+        return EngineOptions(
+            self.workspace_mb, self.int8_mode, self.dla_core, self.timing_cache, self.batch_size, max(self.batch_size, self.eval_batch_size)
+        )
 
     @property
     def threads_used(self) -> int:

@@ -98,7 +98,7 @@ def _execute(
         for s in track(starts, total=len(starts), description="calibrate", enabled=cfg.progress):
             yield tensors.batch(calib_idx[s : s + batch_size])
 
-    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, cfg.quant, phases, work)
+    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, cfg.quant, phases, work, cfg.engine())
     compressed = backend.compress(job)
     with phases("build"):
         session = backend.open(compressed, cfg.threads_used)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,19 @@ class BatchReader(CalibrationDataReader):
         return None if batch is None else {self.input_name: batch}
 
 
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs one root-logger line per tensor it adjusts (hundreds on DenseNet);
+    keep errors, drop that chatter."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def to_fp16(src: Path, dst: Path) -> Path:
     """Convert weights and arithmetic to float16, keeping float32 inputs/outputs so callers need not change."""
     from onnxconverter_common import float16
@@ -116,7 +130,7 @@ def to_int8(
             calibrator.collect_data(reader)
             save_tensors_data(calibrator.compute_data(), calib_cache)
             del calibrator
-        with phases("quantize"):
+        with phases("quantize"), _quiet_root_logger():
             quantize_static(
                 str(pre),
                 str(dst),

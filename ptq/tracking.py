@@ -56,7 +56,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gpu_name() -> str:
+def gpu_name() -> str:
+    """The Jetson board's model, else NVML's name of GPU 0, else 'none'."""
     jetson = Path("/proc/device-tree/model")
     if jetson.is_file():
         return jetson.read_text().strip("\x00\n ")
@@ -89,7 +90,7 @@ def fingerprint() -> dict[str, str]:
         "device.cpu": _cpu_model(),
         "device.cores": str(psutil.cpu_count(logical=True)),
         "device.ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
-        "device.gpu": _gpu_name(),
+        "device.gpu": gpu_name(),
         "device.os": platform.platform(),
         "device.arch": platform.machine(),
         "version.python": platform.python_version(),

@@ -38,6 +38,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PTQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ptq-cache"))
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id="0")  # forget the experiment an earlier test made active
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()

@@ -20,6 +20,32 @@ PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = {"ort": "ptq.backends.ort", "torch": "ptq.backends.torch", "tensorrt": "ptq.backends.tensorrt"}
 
 
+INT8_MODES = ("auto", "implicit", "explicit")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Builder settings for backends that compile an engine (TensorRT), as `trtexec` users know them."""
+
+    workspace_mb: int = 1024
+    int8_mode: str = "auto"  # implicit: TensorRT calibrator; explicit: build from ptq's QDQ ONNX; auto: by version
+    dla_core: int = -1  # Jetson DLA core to run on (GPU fallback on); -1: the GPU
+    timing_cache: Path | None = None  # reused across builds; default under $PTQ_CACHE_DIR
+    opt_batch: int = 1  # the optimization profile's opt shape (the latency batch)
+    max_batch: int = 32  # the profile's max shape (the evaluation batch)
+
+    def validate(self) -> None:
+        """Refuse impossible settings before any work is done."""
+        if self.workspace_mb <= 0:
+            raise PtqError(f"workspace_mb={self.workspace_mb} must be positive")
+        if self.int8_mode not in INT8_MODES:
+            raise PtqError(f"unknown int8_mode {self.int8_mode!r}: use one of {', '.join(INT8_MODES)}")
+        if self.dla_core < -1:
+            raise PtqError(f"dla_core={self.dla_core} must be -1 (GPU) or a DLA core index")
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise PtqError(f"batch sizes must satisfy 1 <= opt ({self.opt_batch}) <= max ({self.max_batch})")
+
+
 @dataclass
 class CompressJob:
     """What a backend needs to compress one model: the FP32 ONNX file, the torch module, calibration data."""
@@ -31,6 +57,7 @@ class CompressJob:
     quant: QuantOptions
     phases: Phases
     workdir: Path
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
 
 @dataclass

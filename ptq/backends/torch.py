@@ -58,7 +58,7 @@ class TorchBackend(Backend):
         return TorchSession(module, self.dev, dtype)
 
     def versions(self) -> dict[str, str]:
-        out = {"torch": torch.__version__}
+        out = {"torch": str(torch.__version__)}
         if torch.version.cuda:
             out["cuda"] = str(torch.version.cuda)
         if torch.backends.cudnn.is_available():

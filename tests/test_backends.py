@@ -1,0 +1,125 @@
+"""Backends: the torch baseline for real on this CPU; TensorRT's GPU-free logic for real, its GPU path where TensorRT imports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from ptq import pipeline
+from ptq.backends import EngineOptions, get_backend
+from ptq.backends import tensorrt as trt_backend
+from ptq.backends.tensorrt import CalibrationFeed, Capabilities, check_capabilities, engine_mismatch, resolve_int8_mode
+from ptq.config import RunConfig
+from ptq.errors import PtqError
+from ptq.phases import Phases
+
+HAS_TENSORRT = trt_backend.trt is not None and hasattr(trt_backend.trt, "Builder")
+
+
+def test_torch_backend_fp32_run(small_dir: Path) -> None:
+    run_id = pipeline.run(
+        RunConfig(model="lite0", backend="torch", precision="fp32", data=small_dir, calib_size=10, eval_size=64, iters=10, warmup=2, monitor=False, progress=False)
+    )
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["acc/top1"] > 0.7 and run.data.metrics["latency/p50_ms"] > 0
+    assert run.data.tags["version.torch"] and run.data.tags["ptq.backend_device"]
+    assert "model/model_fp32.pt" in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model")}
+
+
+def test_torch_backend_refuses_int8_before_work(small_dir: Path) -> None:
+    with pytest.raises(PtqError, match="fp32 and fp16 only"):
+        pipeline.run(RunConfig(model="lite0", backend="torch", precision="int8", data=small_dir))
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_tensorrt_missing_fails_at_once_with_install_hint(small_dir: Path) -> None:
+    with pytest.raises(PtqError) as err:
+        pipeline.run(RunConfig(model="lite0", backend="tensorrt", precision="fp16", data=small_dir))
+    assert "JetPack" in str(err.value) and "pip install tensorrt" in str(err.value) and "\n" not in str(err.value)
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_int8_mode_follows_tensorrt_version() -> None:
+    assert resolve_int8_mode("auto", "8.5.2.2") == "implicit"  # JetPack 5 / Xavier
+    assert resolve_int8_mode("auto", "8.6.2") == "implicit"
+    assert resolve_int8_mode("auto", "10.3.0") == "explicit"  # JetPack 6 / Orin
+    assert resolve_int8_mode("implicit", "10.3.0") == "implicit"
+
+
+def test_unsupported_precision_or_dla_is_refused() -> None:
+    no_int8 = Capabilities(fast_fp16=True, fast_int8=False, dla_cores=0)
+    with pytest.raises(PtqError, match="no fast INT8"):
+        check_capabilities("int8", EngineOptions(), no_int8)
+    check_capabilities("fp16", EngineOptions(), no_int8)
+    with pytest.raises(PtqError, match="dla_core=1 but this device has 0 DLA"):
+        check_capabilities("fp16", EngineOptions(dla_core=1), no_int8)
+    check_capabilities("int8", EngineOptions(dla_core=1), Capabilities(True, True, 2))  # Xavier/Orin AGX: 2 DLAs
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (EngineOptions(workspace_mb=0), "workspace_mb"),
+        (EngineOptions(int8_mode="fancy"), "unknown int8_mode"),
+        (EngineOptions(dla_core=-2), "dla_core"),
+        (EngineOptions(opt_batch=64, max_batch=32), "opt"),
+    ],
+)
+def test_engine_options_are_validated(options: EngineOptions, message: str) -> None:
+    with pytest.raises(PtqError, match=message):
+        options.validate()
+
+
+def test_calibration_feed_rechunks_to_fixed_batches_and_keeps_cache(tmp_path: Path) -> None:
+    batches = iter([np.full((3, 3, 4, 4), i, np.float32) for i in range(5)])  # 15 images in batches of 3
+    feed = CalibrationFeed(batches, 4, tmp_path / "calibration.cache")
+    out = []
+    while (b := feed.next_batch()) is not None:
+        out.append(b)
+    assert [len(b) for b in out] == [4, 4, 4] and feed.fed == 12 and feed.dropped == 3
+    assert all(b.flags["C_CONTIGUOUS"] and b.dtype == np.float32 for b in out)
+    assert out[1][0, 0, 0, 0] == 1 and out[1][-1, 0, 0, 0] == 2  # order preserved across chunk borders
+    assert feed.seconds() >= 0 and feed.read_cache() is None
+    feed.write_cache(memoryview(b"TRT-8502-EntropyCalibration2\ninput: 3c010a14\n"))
+    assert feed.read_cache() == b"TRT-8502-EntropyCalibration2\ninput: 3c010a14\n"
+
+
+def test_engine_metadata_mismatch_is_explained() -> None:
+    built = {"tensorrt": "8.5.2.2", "gpu": "NVIDIA Jetson AGX Xavier", "precision": "int8"}
+    assert engine_mismatch(built, {"tensorrt": "8.5.2.2", "gpu": "NVIDIA Jetson AGX Xavier"}) is None
+    why = engine_mismatch(built, {"tensorrt": "10.3.0", "gpu": "NVIDIA Jetson AGX Orin"})
+    assert why is not None and "8.5.2.2" in why and "10.3.0" in why
+
+
+def test_phase_carving_keeps_totals() -> None:
+    phases = Phases()
+    phases.seconds["build"] = 10.0
+    phases.carve("build", "calibrate", 4.0)
+    assert phases.seconds == {"build": 6.0, "calibrate": 4.0}
+    phases.carve("build", "calibrate", 99.0)  # never more than the phase had
+    assert phases.seconds == {"build": 0.0, "calibrate": 10.0}
+
+
+@pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed on this machine (it needs an NVIDIA GPU)")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_end_to_end(small_dir: Path, precision: str) -> None:
+    run_id = pipeline.run(
+        RunConfig(model="lite0", backend="tensorrt", precision=precision, data=small_dir, calib_size=64, eval_size=128, iters=50, progress=False)
+    )
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["compress/build_s"] > 0
+    assert abs(run.data.metrics["acc/top1_drop_pt"]) < 3
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model")}
+    assert f"model/model_{precision}.engine" in arts and f"model/model_{precision}.json" in arts
+    meta = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/model/model_{precision}.json"))
+    assert meta["tensorrt"] == run.data.tags["version.tensorrt"]
+
+
+def test_backend_registry() -> None:
+    assert get_backend("ort").name == "ort" and get_backend("torch").name == "torch" and get_backend("tensorrt").name == "tensorrt"
