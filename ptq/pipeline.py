@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 COMPRESS_PHASES = ("export", "preprocess", "calibrate", "quantize", "convert", "build")
 
 
-def run(cfg: RunConfig) -> str:
+def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> str:
     """Execute one run and return its MLflow run id. Bad input fails before the run starts."""
     cfg.validate()
     spec = models.resolve(cfg.model, cfg.input_size, cfg.mean, cfg.std)
@@ -45,6 +45,7 @@ def run(cfg: RunConfig) -> str:
         "ptq.accuracy": "measured" if cfg.weights == "pretrained" else "none (weights=random)",
         "ptq.backend_device": backend.device(),
         **{f"version.{k}": v for k, v in backend.versions().items()},
+        **(extra_tags or {}),
     }
     name = f"{spec.name}-{cfg.precision}-{cfg.backend}" + ("-random" if cfg.weights == "random" else "")
     phases = Phases()
@@ -108,6 +109,7 @@ def _execute(
     latency = _latency(session, batch, cfg, phases, monitor, "")
     mlflow.log_metrics(latency.metrics())
     summary = {"latency p50 (ms)": latency.p50_ms, "throughput (img/s)": latency.img_s}
+    samples = {"ms": latency.samples_ms}
 
     labels = np.asarray([dataset.labels[i] for i in eval_idx])
     accuracy = None
@@ -127,6 +129,7 @@ def _execute(
         ref_latency = _latency(ref_session, batch, cfg, phases, monitor, "fp32_")
         speedup = ref_latency.p50_ms / latency.p50_ms
         mlflow.log_metrics({"latency/fp32_p50_ms": ref_latency.p50_ms, "throughput/fp32_img_s": ref_latency.img_s, "speedup/p50": speedup})
+        samples["fp32_ms"] = ref_latency.samples_ms
         summary["speed-up over fp32 (p50)"] = speedup
         if speedup < 1.0:
             note = f"{cfg.precision} is slower than fp32 here: {speedup:.2f}x the fp32 speed at batch {cfg.batch_size}"
@@ -138,6 +141,7 @@ def _execute(
             with phases("fp32_evaluate"):
                 reference = bench.evaluate(ref_session, tensors, eval_idx, labels, cfg.eval_batch_size, "evaluate fp32", cfg.progress)
         del ref_session
+    _log_latency_samples(work, samples)
     if accuracy is not None and reference is not None:
         mlflow.log_metrics(
             {
@@ -171,6 +175,16 @@ def _log_compression(phases: Phases, fp32_path: Path, compressed: Compressed) ->
         mlflow.log_artifact(str(compressed.path), "model")
     for extra in compressed.artifacts:
         mlflow.log_artifact(str(extra), "model")
+
+
+def _log_latency_samples(work: Path, samples: dict[str, np.ndarray]) -> None:
+    """Every timed query, for distributions and bootstrap confidence intervals of speed-ups."""
+    path = work / "latency.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(samples))
+        writer.writerows(zip(*(np.round(v, 4) for v in samples.values())))
+    mlflow.log_artifact(str(path))
 
 
 def _log_predictions(work: Path, dataset: data.Dataset, eval_idx: list[int], acc: bench.Accuracy, ref: bench.Accuracy) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ def to_fp16(src: Path, dst: Path) -> Path:
     """Convert weights and arithmetic to float16, keeping float32 inputs/outputs so callers need not change."""
     from onnxconverter_common import float16
 
-    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one UserWarning per weight clipped to fp16's range
+        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     onnx.save(model, str(dst))
     return dst
 

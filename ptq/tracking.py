@@ -84,9 +84,10 @@ def _commit() -> str:
 
 
 def fingerprint() -> dict[str, str]:
-    """Tags that identify the device and software a run measured, so runs from many devices can be compared."""
+    """Tags that identify the device and software a run measured, so runs from many devices can be compared.
+    `PTQ_DEVICE_NAME` names the device where host names are not telling (`xavier-lab-2`)."""
     tags = {
-        "device.host": socket.gethostname(),
+        "device.host": os.environ.get("PTQ_DEVICE_NAME") or socket.gethostname(),
         "device.cpu": _cpu_model(),
         "device.cores": str(psutil.cpu_count(logical=True)),
         "device.ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
@@ -115,10 +116,12 @@ def _new_params(run_id: str, params: dict[str, str]) -> dict[str, str]:
 
 @contextmanager
 def run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """Open (or, under `mlflow run`, adopt) a run; on error mark it FAILED with the error, keeping all logged so far."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    """Open a run (nested under the active one in a sweep; adopted under `mlflow run`); on error mark it
+    FAILED (KILLED on Ctrl-C) with the error, keeping all logged so far."""
+    nested = mlflow.active_run() is not None  # a sweep's child run
+    if not nested and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as active:
+    with mlflow.start_run(run_name=run_name, nested=nested) as active:
         mlflow.set_tags({**fingerprint(), **tags})
         mlflow.log_params(_new_params(active.info.run_id, params))
         try:

@@ -1,0 +1,109 @@
+"""Grids of runs (models x precisions x backends [x calibration methods]) as child runs of one parent,
+resumable: a combination that already FINISHED on this device with the same parameters is skipped."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+from dataclasses import dataclass, replace
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from ptq import pipeline, tracking
+from ptq.backends import PRECISIONS
+from ptq.config import RunConfig
+from ptq.errors import PtqError
+from ptq.models import resolve
+from ptq.progress import track
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "study": ("mob-s", "mob-l", "r18", "r50", "d169", "d201"),  # the seed study's six CNNs
+    "edge-lite": ("lite0", "lite1", "lite2"),  # real weights that install offline
+}
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did, combination by combination."""
+
+    parent_run_id: str
+    passed: list[str]
+    failed: list[str]
+    skipped: list[str]
+
+
+def combinations(models: list[str], precisions: list[str], backends: list[str], calib_methods: list[str]) -> list[dict[str, str]]:
+    """The grid, in a stable order; calibration methods vary only for int8."""
+    grid = []
+    for model, precision, backend in itertools.product(models, precisions, backends):
+        for method in calib_methods if precision == "int8" else calib_methods[:1]:
+            grid.append({"model": model, "precision": precision, "backend": backend, "calib_method": method})
+    return grid
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _configure(base: RunConfig, combo: dict[str, str]) -> RunConfig:
+    return replace(base, model=combo["model"], precision=combo["precision"], backend=combo["backend"], quant=replace(base.quant, calib_method=combo["calib_method"]))
+
+
+def run_sweep(
+    name: str,
+    base: RunConfig,
+    models: list[str],
+    precisions: list[str] | None = None,
+    backends: list[str] | None = None,
+    calib_methods: list[str] | None = None,
+) -> SweepResult:
+    """Run every combination as a child of one parent run; rerunning resumes where the last attempt stopped."""
+    grid = combinations(models, precisions or list(PRECISIONS), backends or ["ort"], calib_methods or [base.quant.calib_method])
+    if not grid:
+        raise PtqError("the sweep is empty: give at least one model, precision and backend")
+    for model in models:  # every bad parameter is refused before the first run starts
+        resolve(model)
+    for combo in grid:
+        _configure(base, combo).validate()
+    tracking.check_reachable()
+    device = tracking.fingerprint()["device.host"]
+    run_params = {k: v for k, v in base.params().items() if k not in ("model", "precision", "backend", "calib_method", "experiment")}
+    sweep_key = _key(name, device, grid, run_params)
+    mlflow.set_experiment(base.experiment)
+    client = MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(base.experiment).experiment_id  # type: ignore[union-attr]
+    previous = client.search_runs([experiment_id], f"tags.`ptq.sweep_key` = '{sweep_key}'", max_results=1)
+    passed: list[str] = []
+    failed: list[str] = []
+    skipped: list[str] = []
+    parent_id = previous[0].info.run_id if previous else None
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{name}") as parent:
+        if not parent_id:
+            mlflow.set_tags({**tracking.fingerprint(), "ptq.sweep": name, "ptq.sweep_key": sweep_key})
+            mlflow.log_params({**run_params, "sweep": name, "grid": json.dumps(grid)[:6000], "combinations": str(len(grid))})
+        try:
+            for combo in track(grid, total=len(grid), description=f"sweep {name}", enabled=base.progress):
+                label = "/".join(combo.values())
+                combo_key = _key(device, combo, run_params)
+                earlier = client.search_runs([experiment_id], f"tags.`ptq.combo_key` = '{combo_key}'")
+                if any(r.info.status == "FINISHED" for r in earlier):
+                    skipped.append(label)
+                    continue
+                for stale in earlier:  # failed, killed or cut off by power loss: superseded by this attempt
+                    client.delete_run(stale.info.run_id)
+                try:
+                    pipeline.run(_configure(base, combo), {"ptq.sweep": name, "ptq.combo_key": combo_key})
+                    passed.append(label)
+                except Exception as exc:  # one failed combination does not stop the others
+                    log.warning("sweep %s: %s failed: %s", name, label, exc)
+                    failed.append(label)
+        finally:
+            done = len(skipped) + len(passed)
+            mlflow.log_metrics({"sweep/total": len(grid), "sweep/finished": done, "sweep/ran": len(passed), "sweep/skipped": len(skipped), "sweep/failed": len(failed)})
+            mlflow.set_tag("ptq.sweep_failed", ", ".join(failed)[:5000] or "none")
+        return SweepResult(parent.info.run_id, passed, failed, skipped)

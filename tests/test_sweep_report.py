@@ -1,0 +1,131 @@
+"""Sweeps (interrupt and resume without duplicates) and the report (tables, statistics, plots, gaps)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from ptq import pipeline, report, sweep
+from ptq.config import RunConfig
+from ptq.errors import PtqError
+
+BASE = dict(weights="random", calib_size=8, eval_size=16, iters=5, warmup=1, monitor=False, progress=False)
+
+
+def children(experiment: str = "ptq") -> pd.DataFrame:
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    return runs[runs["tags.mlflow.parentRunId"].notna()]
+
+
+def test_sweep_interrupted_then_resumed_leaves_no_duplicates(small_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = RunConfig(model="mob-s", data=small_dir, **BASE)  # type: ignore[arg-type]
+    real_run = pipeline.run
+    calls = {"n": 0}
+
+    def interrupt_third(cfg: RunConfig, tags: dict[str, str] | None = None) -> str:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the grid
+        return real_run(cfg, tags)
+
+    monkeypatch.setattr(pipeline, "run", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep("t", base, ["mob-s"], ["fp32", "fp16", "int8"])
+    assert len(children()) == 2
+    monkeypatch.setattr(pipeline, "run", real_run)
+
+    result = sweep.run_sweep("t", base, ["mob-s"], ["fp32", "fp16", "int8"])
+    assert len(result.skipped) == 2 and len(result.passed) == 1 and not result.failed
+    again = sweep.run_sweep("t", base, ["mob-s"], ["fp32", "fp16", "int8"])
+    assert len(again.skipped) == 3 and again.parent_run_id == result.parent_run_id
+    runs = children()
+    assert sorted(runs["params.precision"]) == ["fp16", "fp32", "int8"] and (runs["status"] == "FINISHED").all()
+    assert set(runs["tags.mlflow.parentRunId"]) == {result.parent_run_id}
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.data.metrics["sweep/finished"] == 3 and parent.data.metrics["sweep/failed"] == 0
+
+
+def test_failed_combination_does_not_stop_the_others_and_is_rerun(small_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = RunConfig(model="mob-s", data=small_dir, **BASE)  # type: ignore[arg-type]
+    real_run = pipeline.run
+
+    def fail_fp16(cfg: RunConfig, tags: dict[str, str] | None = None) -> str:
+        if cfg.precision == "fp16":
+            with mlflow.start_run(nested=True, tags=tags):
+                raise RuntimeError("simulated crash")
+        return real_run(cfg, tags)
+
+    monkeypatch.setattr(pipeline, "run", fail_fp16)
+    first = sweep.run_sweep("f", base, ["mob-s"], ["fp32", "fp16"])
+    assert first.failed == ["mob-s/fp16/ort/minmax"] and len(first.passed) == 1
+    assert "FAILED" in set(children()["status"])
+    monkeypatch.setattr(pipeline, "run", real_run)
+    second = sweep.run_sweep("f", base, ["mob-s"], ["fp32", "fp16"])
+    assert second.passed == ["mob-s/fp16/ort/minmax"] and len(second.skipped) == 1
+    runs = children()
+    assert len(runs) == 2 and (runs["status"] == "FINISHED").all()  # the failed attempt was superseded
+
+
+def test_sweep_refuses_unknown_model_before_running(small_dir: Path) -> None:
+    with pytest.raises(PtqError, match="unknown model 'nope'"):
+        sweep.run_sweep("x", RunConfig(model="mob-s", data=small_dir), ["mob-s", "nope"])
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_presets() -> None:
+    assert sweep.PRESETS["study"] == ("mob-s", "mob-l", "r18", "r50", "d169", "d201")
+    assert len(sweep.combinations(list(sweep.PRESETS["edge-lite"]), ["fp32", "fp16", "int8"], ["ort"], ["minmax", "entropy"])) == 12
+
+
+def test_mcnemar_and_bootstrap() -> None:
+    preds = pd.DataFrame({"correct": [1] * 90 + [0] * 10, "fp32_correct": [1] * 100})
+    assert report.mcnemar(preds) == pytest.approx(0.001953125)  # 10 discordant pairs, all one way
+    same = pd.DataFrame({"correct": [1, 0, 1], "fp32_correct": [1, 0, 1]})
+    assert report.mcnemar(same) == 1.0
+    rng = np.random.default_rng(0)
+    low, high = report.speedup_ci(rng.normal(10, 0.3, 300), rng.normal(5, 0.2, 300))
+    assert low < 2.0 < high and high - low < 0.2
+
+
+def test_report_from_real_runs_with_gaps(small_dir: Path, tmp_path: Path) -> None:
+    pipeline.run(RunConfig(model="lite0", precision="int8", data=small_dir, calib_size=30, eval_size=100, iters=20, warmup=2, progress=False))
+    pipeline.run(RunConfig(model="mob-s", precision="int8", data=small_dir, **BASE))  # type: ignore[arg-type]
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("ptq").experiment_id, run_name="older"):  # type: ignore[union-attr]
+        mlflow.log_params({"model": "r18", "precision": "fp16", "weights": "pretrained", "backend": "ort"})  # no metrics at all
+    rep = report.build(["ptq"], tmp_path / "rep")
+    table = rep.table
+    assert len(table) == 3
+    lite = table[table["model"] == "lite0"].iloc[0]
+    assert 0 <= lite.mcnemar_p <= 1 and lite.speedup_ci_low <= lite.speedup <= lite.speedup_ci_high
+    mob = table[table["model"] == "mob-s"].iloc[0]
+    assert np.isnan(mob.drop_pt) and np.isnan(mob.mcnemar_p)  # random weights: no accuracy, a gap
+    assert np.isnan(table[table["model"] == "r18"].iloc[0].p50_ms)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| lite0 | int8 |" in md and "mob-s (random)" in md and "—" in md
+    assert pd.read_csv(tmp_path / "rep" / "runs.csv").shape[0] == 3
+    for png in ("drop_vs_speedup", "size_vs_accuracy", "compression_time", "latency_distributions", "resource_timelines"):
+        assert (tmp_path / "rep" / f"{png}.png").stat().st_size > 10_000
+    logged = mlflow.search_runs(experiment_names=["ptq-reports"])
+    assert len(logged) == 1 and "report.md" in {a.path for a in mlflow.MlflowClient().list_artifacts(logged.iloc[0].run_id)}
+
+
+def test_report_filter_matching_nothing_says_so(small_dir: Path, tmp_path: Path) -> None:
+    pipeline.run(RunConfig(model="mob-s", precision="fp32", data=small_dir, **BASE))  # type: ignore[arg-type]
+    with pytest.raises(PtqError, match="no finished runs in ptq match \\(device=jetson-orin\\)"):
+        report.build(["ptq"], tmp_path, device="jetson-orin")
+    with pytest.raises(PtqError, match="no experiment named elsewhere"):
+        report.build(["elsewhere"], tmp_path)
+
+
+def test_example_analysis_script_runs(small_dir: Path, tmp_path: Path) -> None:
+    pipeline.run(RunConfig(model="mob-s", precision="int8", data=small_dir, **BASE))  # type: ignore[arg-type]
+    script = Path(__file__).resolve().parents[1] / "examples" / "analysis.py"
+    out = subprocess.run([sys.executable, str(script), "ptq", str(tmp_path / "plot.png")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mob-s" in out.stdout and (tmp_path / "plot.png").stat().st_size > 5000
