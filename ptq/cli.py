@@ -15,6 +15,7 @@ from rich.table import Table
 from ptq import models, pipeline
 from ptq import report as reports
 from ptq import sweep as sweeps
+from ptq import sync as syncs
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 from ptq.quantize import QuantOptions
@@ -183,6 +184,13 @@ def report(
     """Tables, plots and statistics across devices, models and precisions; also logged as a report run."""
     result = reports.build(_names(experiments), out, device, model, precision)
     console.print(f"{len(result.table)} configurations -> {out}/report.md, runs.csv and {sum(f.suffix == '.png' for f in result.files)} plots")
+
+
+@app.command("sync")
+def sync_runs(target: Annotated[str, typer.Option(help="Server URI; default: the one each offline run was meant for")] = "") -> None:
+    """Upload runs recorded while the tracking server was unreachable; running it twice uploads nothing twice."""
+    result = syncs.sync(target or None)
+    console.print(f"uploaded {len(result.uploaded)}, already there {len(result.already)}, still running {len(result.waiting)}")
 
 
 @app.command("models")

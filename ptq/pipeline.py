@@ -37,7 +37,7 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> str:
     split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)
     torch.manual_seed(cfg.split_seed)  # weights=random is reproducible too
     module = spec.build(cfg.weights) if spec.build else None
-    tracking.check_reachable()
+    tracking.select_store()
 
     params = {**cfg.params(), "data_hash": dataset.content_hash, "data_images": str(len(dataset.files))}
     tags = {

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 
 import mlflow
@@ -70,22 +71,26 @@ def run_sweep(
         resolve(model)
     for combo in grid:
         _configure(base, combo).validate()
-    tracking.check_reachable()
+    tracking.select_store()
     device = tracking.fingerprint()["device.host"]
     run_params = {k: v for k, v in base.params().items() if k not in ("model", "precision", "backend", "calib_method", "experiment")}
     sweep_key = _key(name, device, grid, run_params)
-    mlflow.set_experiment(base.experiment)
     client = MlflowClient()
-    experiment_id = mlflow.get_experiment_by_name(base.experiment).experiment_id  # type: ignore[union-attr]
-    previous = client.search_runs([experiment_id], f"tags.`ptq.sweep_key` = '{sweep_key}'", max_results=1)
+    parent_id = None
+    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run -e sweep`, the project's run is the parent
+        tracking.set_experiment(base.experiment)
+        experiment = mlflow.get_experiment_by_name(base.experiment)
+        assert experiment is not None
+        previous = client.search_runs([experiment.experiment_id], f"tags.`ptq.sweep_key` = '{sweep_key}'", max_results=1)
+        parent_id = previous[0].info.run_id if previous else None
     passed: list[str] = []
     failed: list[str] = []
     skipped: list[str] = []
-    parent_id = previous[0].info.run_id if previous else None
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{name}") as parent:
+        experiment_id = parent.info.experiment_id
         if not parent_id:
-            mlflow.set_tags({**tracking.fingerprint(), "ptq.sweep": name, "ptq.sweep_key": sweep_key})
-            mlflow.log_params({**run_params, "sweep": name, "grid": json.dumps(grid)[:6000], "combinations": str(len(grid))})
+            mlflow.set_tags({**tracking.fingerprint(), **tracking.offline_tags(), "ptq.sweep": name, "ptq.sweep_key": sweep_key})
+            mlflow.log_params(tracking.new_params(parent.info.run_id, {**run_params, "sweep": name, "grid": json.dumps(grid)[:6000], "combinations": str(len(grid))}))
         try:
             for combo in track(grid, total=len(grid), description=f"sweep {name}", enabled=base.progress):
                 label = "/".join(combo.values())

@@ -24,26 +24,90 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "mlflow", "numpy", "tensorrt", "jetson-stats")
 
 
-def check_reachable() -> None:
-    """Fail fast, before any work, if the tracking server cannot be reached."""
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+def probe(uri: str) -> str | None:
+    """None if the tracking server at `uri` answers; else why not. Wrong credentials raise at once."""
+    # a refused connection fails in seconds; a busy server (many devices at once) gets time to answer
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    saved = {k: os.environ.get(k) for k in limits}
+    os.environ.update(limits)
     try:
-        MlflowClient().search_experiments(max_results=1)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        return None
     except Exception as exc:
         msg = str(exc).splitlines()[0][:160]
-        if "401" in msg or "403" in msg or "Unauthorized" in msg:
-            raise PtqError(f"tracking server {uri} refused the credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
-        raise PtqError(f"tracking server {uri} is unreachable ({msg}): start it, or unset MLFLOW_TRACKING_URI to log to the local store") from None
+        if any(code in str(exc) for code in ("401", "403", "Unauthorized", "PERMISSION_DENIED")):
+            raise PtqError(
+                f"tracking server {uri} refused the credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        return msg
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_reachable() -> None:
+    """Fail fast, before any work, if the tracking server cannot be reached (for reading: report, sync)."""
+    uri = mlflow.get_tracking_uri()
+    if _is_server(uri) and (why := probe(uri)):
+        raise PtqError(f"tracking server {uri} is unreachable ({why}): start it, or unset MLFLOW_TRACKING_URI to use the local store")
+
+
+def offline_dir() -> Path:
+    """Where runs wait while the tracking server is unreachable: $PTQ_CACHE_DIR/offline."""
+    from ptq.data import cache_dir
+
+    return cache_dir() / "offline"
+
+
+def offline_uri() -> str:
+    """The offline store's tracking URI (SQLite)."""
+    return f"sqlite:///{offline_dir() / 'mlflow.db'}"
+
+
+_sync_target: str | None = None  # the unreachable server this process's runs are waiting for
+
+
+def offline_tags() -> dict[str, str]:
+    """`ptq.sync_target` for runs recorded offline, so `ptq sync` knows where they belong."""
+    return {"ptq.sync_target": _sync_target} if _sync_target and mlflow.get_tracking_uri() == offline_uri() else {}
+
+
+def select_store() -> str | None:
+    """Keep the configured store if it answers; if a server is unreachable, switch this process to the
+    offline store and return the server's URI (runs are tagged with it and `ptq sync` uploads them later)."""
+    uri = mlflow.get_tracking_uri()
+    if not _is_server(uri) or not (why := probe(uri)):
+        return None
+    offline_dir().mkdir(parents=True, exist_ok=True)
+    log.warning("tracking server %s is unreachable (%s): recording locally in %s; run `ptq sync` when it is back", uri, why, offline_dir())
+    mlflow.set_tracking_uri(offline_uri())
+    global _sync_target
+    _sync_target = uri
+    return uri
+
+
+def set_experiment(name: str) -> None:
+    """Activate experiment `name`, creating it if needed. Safe when many devices create it at once
+    (mlflow.set_experiment can then leave a loser in 'Default'); offline, artifacts live beside the database."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = (offline_dir() / "artifacts" / name).as_uri() if mlflow.get_tracking_uri() == offline_uri() else None
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another device created it first
+            pass
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise PtqError(f"could not create or find experiment {name!r} on {mlflow.get_tracking_uri()}")
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
 
 def _cpu_model() -> str:
@@ -105,7 +169,7 @@ def fingerprint() -> dict[str, str]:
     return tags
 
 
-def _new_params(run_id: str, params: dict[str, str]) -> dict[str, str]:
+def new_params(run_id: str, params: dict[str, str]) -> dict[str, str]:
     """Params not yet on the run. Under `mlflow run` the MLproject parameters are already logged as the user
     typed them; where ptq's reading differs it is logged beside them as `resolved.<name>`."""
     existing = MlflowClient().get_run(run_id).data.params
@@ -120,10 +184,10 @@ def run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, 
     FAILED (KILLED on Ctrl-C) with the error, keeping all logged so far."""
     nested = mlflow.active_run() is not None  # a sweep's child run
     if not nested and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment)
+        set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested) as active:
-        mlflow.set_tags({**fingerprint(), **tags})
-        mlflow.log_params(_new_params(active.info.run_id, params))
+        mlflow.set_tags({**fingerprint(), **offline_tags(), **tags})
+        mlflow.log_params(new_params(active.info.run_id, params))
         try:
             yield active
         except BaseException as exc:

@@ -168,11 +168,17 @@ def test_pretrained_torchvision_offline_names_file_and_remedies(small_dir: Path,
     assert "\n" not in text
 
 
-def test_unreachable_tracking_server_fails_fast(small_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+def test_unreachable_tracking_server_records_the_run_offline(small_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from ptq import tracking
+
+    monkeypatch.setenv("PTQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tracking, "_sync_target", None)
     mlflow.set_tracking_uri("http://127.0.0.1:9")
-    with pytest.raises(PtqError, match="unreachable.*unset MLFLOW_TRACKING_URI"):
-        pipeline.run(RunConfig(model="lite0", precision="fp32", data=small_dir))
+    run_id = pipeline.run(RunConfig(model="mob-s", weights="random", precision="fp32", data=small_dir, calib_size=4, iters=3, warmup=1, monitor=False, progress=False))
+    assert mlflow.get_tracking_uri() == tracking.offline_uri()
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ptq.sync_target"] == "http://127.0.0.1:9"
+    assert str(tmp_path / "cache" / "offline" / "artifacts") in run.info.artifact_uri
 
 
 def test_cli_prints_one_line_error(small_dir: Path) -> None:

@@ -1,0 +1,88 @@
+"""Upload runs recorded offline (tracking server unreachable) to their server, idempotently."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from ptq import tracking
+from ptq.errors import PtqError
+
+log = logging.getLogger(__name__)
+
+SOURCE_TAG = "ptq.source_run"  # on the server: the offline run it came from
+SYNCED_TAG = "ptq.synced_run_id"  # offline: the server run it became
+
+
+@dataclass
+class SyncResult:
+    """Run ids (offline) by what happened to them."""
+
+    uploaded: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # still running or interrupted mid-run
+
+
+def _chunks(items: list, size: int) -> list[list]:  # type: ignore[type-arg]
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def sync(target: str | None = None) -> SyncResult:
+    """Copy every finished offline run (params, tags, metric histories with steps and timestamps, artifacts,
+    status and times) to `target` or the server it was meant for; a run already there is never copied twice."""
+    result = SyncResult()
+    if not (tracking.offline_dir() / "mlflow.db").is_file():
+        return result
+    local = MlflowClient(tracking_uri=tracking.offline_uri())
+    remote_ids: dict[str, str] = {}
+    for exp in local.search_experiments():
+        for run in local.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=50000):
+            rid, tags = run.info.run_id, run.data.tags
+            if SYNCED_TAG in tags:
+                remote_ids[rid] = tags[SYNCED_TAG]
+                result.already.append(rid)
+                continue
+            if run.info.status == "RUNNING":
+                result.waiting.append(rid)
+                continue
+            uri = target or tags.get("ptq.sync_target")
+            if not uri:
+                raise PtqError(f"offline run {rid} does not say which server it belongs to: pass --target URI")
+            if why := tracking.probe(uri):
+                raise PtqError(f"tracking server {uri} is still unreachable ({why}): start it and run `ptq sync` again")
+            remote = MlflowClient(tracking_uri=uri)
+            remote_exp = remote.get_experiment_by_name(exp.name)
+            exp_id = remote_exp.experiment_id if remote_exp else remote.create_experiment(exp.name)
+            earlier = remote.search_runs([exp_id], f"tags.`{SOURCE_TAG}` = '{rid}'")
+            done = [r for r in earlier if r.info.status != "RUNNING"]
+            for partial in (r for r in earlier if r.info.status == "RUNNING"):  # a sync cut off midway
+                remote.delete_run(partial.info.run_id)
+            new_id = done[0].info.run_id if done else _copy(local, remote, run, exp_id, remote_ids)
+            local.set_tag(rid, SYNCED_TAG, new_id)
+            remote_ids[rid] = new_id
+            (result.already if done else result.uploaded).append(rid)
+    return result
+
+
+def _copy(local: MlflowClient, remote: MlflowClient, run, exp_id: str, remote_ids: dict[str, str]) -> str:  # type: ignore[no-untyped-def]
+    rid = run.info.run_id
+    tags = {k: v for k, v in run.data.tags.items() if k not in ("ptq.sync_target", SYNCED_TAG)}
+    if "mlflow.parentRunId" in tags:
+        tags["mlflow.parentRunId"] = remote_ids.get(tags["mlflow.parentRunId"], tags["mlflow.parentRunId"])
+    new = remote.create_run(exp_id, start_time=run.info.start_time, tags={**tags, SOURCE_TAG: rid}, run_name=run.info.run_name)
+    new_id = new.info.run_id
+    for batch in _chunks([Param(k, v) for k, v in run.data.params.items()], 100):
+        remote.log_batch(new_id, params=batch)
+    metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.data.metrics for m in local.get_metric_history(rid, key)]
+    for batch in _chunks(metrics, 1000):
+        remote.log_batch(new_id, metrics=batch)
+    with tempfile.TemporaryDirectory(prefix="ptq-sync-") as tmp:
+        if local.list_artifacts(rid):
+            remote.log_artifacts(new_id, local.download_artifacts(rid, "", tmp))
+    remote.set_terminated(new_id, run.info.status, run.info.end_time)
+    log.info("uploaded offline run %s as %s", rid, new_id)
+    return new_id
