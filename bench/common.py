@@ -28,6 +28,12 @@ def tensors_for(spec: models.ModelSpec) -> tuple[data.Dataset, data.Tensors]:
 def calib_batches(tensors: data.Tensors, n: int, batch: int = 8) -> list[np.ndarray]:
     """The first `n` images of the seeded split, batched and normalized."""
     idx = list(data.split(len(tensors.ok), n, None, 0).calib)
+    return batched(tensors, idx, batch)
+
+
+def batched(tensors: data.Tensors, idx: list[int], batch: int = 8) -> list[np.ndarray]:
+    """Normalized batches of equal size (see quantize.even_batch)."""
+    batch = quantize.even_batch(len(idx), batch)
     return [tensors.batch(idx[i : i + batch]) for i in range(0, len(idx), batch)]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import exported, int8, tensors_for  # noqa: E402
+from bench.common import batched, exported, int8, tensors_for  # noqa: E402
 from ptq import bench, data, quantize  # noqa: E402
 from ptq.backends.ort import open_session  # noqa: E402
 
@@ -35,7 +35,7 @@ def main(names: list[str]) -> None:
         labels = np.asarray([ds.labels[i] for i in eval_idx])
         ref = bench.evaluate(open_session(str(fp32), 2), tensors, eval_idx, labels, 32, progress=False).top1
         for method, per_channel, n in itertools.product(METHODS, PER_CHANNEL, CALIB_SIZES):
-            batches = [tensors.batch(order[i : i + 8]) for i in range(0, n, 8)]
+            batches = batched(tensors, order[:n])
             opts = quantize.QuantOptions(calib_method=method, per_channel=per_channel)
             t0 = time.perf_counter()
             model = int8(fp32, batches, opts, f"-{method}-{per_channel}-{n}")

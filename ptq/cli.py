@@ -43,25 +43,6 @@ def _triple(text: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-# Options shared by `run` and `sweep`, declared once.
-Weights = Annotated[str, typer.Option(help="pretrained, or random to characterize the architecture only")]
-Data = Annotated[Optional[Path], typer.Option(help="ImageNet-style or flat <wnid>_*.JPEG folder [env: PTQ_DATA]")]
-CalibSize = Annotated[int, typer.Option(help="Images used for calibration (disjoint from evaluation)")]
-EvalSize = Annotated[int, typer.Option(help="Images evaluated; 0 = every non-calibration image")]
-SplitSeed = Annotated[int, typer.Option(help="Seed of the calibration/evaluation split")]
-BatchSize = Annotated[int, typer.Option(help="Batch size of the latency measurement")]
-EvalBatchSize = Annotated[int, typer.Option(help="Batch size of the accuracy evaluation")]
-Threads = Annotated[int, typer.Option(help="CPU threads; 0 = every core")]
-Warmup = Annotated[int, typer.Option(help="Untimed warm-up queries")]
-Iters = Annotated[int, typer.Option(help="Timed queries")]
-PerChannel = Annotated[str, typer.Option(help="Per-channel weight scales: true/false")]
-ActivationType = Annotated[str, typer.Option(help="uint8 or int8 activations")]
-Experiment = Annotated[str, typer.Option(help="MLflow experiment name")]
-MonitorOn = Annotated[str, typer.Option("--monitor", help="Sample resources during the run: true/false")]
-MonitorInterval = Annotated[float, typer.Option(help="Seconds between resource samples")]
-Progress = Annotated[str, typer.Option(help="Draw progress bars (on a terminal): true/false")]
-
-
 def _config(model: str, precision: str, backend: str, calib_method: str, options: dict[str, object]) -> RunConfig:
     """A RunConfig from parsed options; CLI spellings (0 = default, true/false strings) resolved here."""
     o = dict(options)
@@ -69,9 +50,9 @@ def _config(model: str, precision: str, backend: str, calib_method: str, options
         calib_method=calib_method,
         per_channel=_bool("per_channel", str(o.pop("per_channel"))),
         activation_type=str(o.pop("activation_type")),
-        weight_type=str(o.pop("weight_type", QuantOptions.weight_type)),
-        quant_format=str(o.pop("quant_format", QuantOptions.quant_format)),
-        percentile=float(o.pop("percentile", QuantOptions.percentile)),  # type: ignore[arg-type]
+        weight_type=str(o.pop("weight_type")),
+        quant_format=str(o.pop("quant_format")),
+        percentile=float(o.pop("percentile")),  # type: ignore[arg-type]
     )
     return RunConfig(
         model=model,
@@ -79,9 +60,9 @@ def _config(model: str, precision: str, backend: str, calib_method: str, options
         backend=backend,
         quant=quant,
         eval_size=int(o.pop("eval_size")) or None,  # type: ignore[call-overload]
-        input_size=int(o.pop("input_size", 0)) or None,  # type: ignore[call-overload]
-        mean=_triple(str(o.pop("mean", ""))),
-        std=_triple(str(o.pop("std", ""))),
+        input_size=int(o.pop("input_size")) or None,  # type: ignore[call-overload]
+        mean=_triple(str(o.pop("mean"))),
+        std=_triple(str(o.pop("std"))),
         monitor=_bool("monitor", str(o.pop("monitor"))),
         progress=_bool("progress", str(o.pop("progress"))) and sys.stderr.isatty(),
         **o,  # type: ignore[arg-type]
@@ -93,19 +74,19 @@ def run(
     model: Annotated[str, typer.Option(help="Alias (mob-s, r50, d201, lite0...), torchvision name, or path to an .onnx file")],
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8")] = "int8",
     backend: Annotated[str, typer.Option(help="ort (ONNX Runtime CPU), torch or tensorrt")] = "ort",
-    weights: Weights = "pretrained",
-    data: Data = None,
-    calib_size: CalibSize = 100,
-    eval_size: EvalSize = 0,
-    split_seed: SplitSeed = 0,
-    batch_size: BatchSize = 1,
-    eval_batch_size: EvalBatchSize = 32,
-    threads: Threads = 0,
-    warmup: Warmup = 20,
-    iters: Iters = 200,
+    weights: Annotated[str, typer.Option(help="pretrained, or random to characterize the architecture only")] = "pretrained",
+    data: Annotated[Optional[Path], typer.Option(help="ImageNet-style or flat <wnid>_*.JPEG folder [env: PTQ_DATA]")] = None,
+    calib_size: Annotated[int, typer.Option(help="Images used for calibration (disjoint from evaluation)")] = 100,
+    eval_size: Annotated[int, typer.Option(help="Images evaluated; 0 = every non-calibration image")] = 0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the calibration/evaluation split")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the latency measurement")] = 1,
+    eval_batch_size: Annotated[int, typer.Option(help="Batch size of the accuracy evaluation")] = 32,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = every core")] = 0,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up queries")] = 20,
+    iters: Annotated[int, typer.Option(help="Timed queries")] = 200,
     calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile")] = QuantOptions.calib_method,
-    per_channel: PerChannel = "true",
-    activation_type: ActivationType = QuantOptions.activation_type,
+    per_channel: Annotated[str, typer.Option(help="Per-channel weight scales: true/false")] = "true",
+    activation_type: Annotated[str, typer.Option(help="uint8 or int8 activations")] = QuantOptions.activation_type,
     weight_type: Annotated[str, typer.Option(help="int8 or uint8 weights")] = QuantOptions.weight_type,
     quant_format: Annotated[str, typer.Option(help="qdq or qoperator")] = QuantOptions.quant_format,
     percentile: Annotated[float, typer.Option(help="Percentile kept by calib_method=percentile")] = QuantOptions.percentile,
@@ -116,10 +97,10 @@ def run(
     input_size: Annotated[int, typer.Option(help="Input side for model=*.onnx; 0 = 224")] = 0,
     mean: Annotated[str, typer.Option(help="Per-channel mean for model=*.onnx, e.g. 0.5,0.5,0.5")] = "",
     std: Annotated[str, typer.Option(help="Per-channel std for model=*.onnx")] = "",
-    experiment: Experiment = "ptq",
-    monitor: MonitorOn = "true",
-    monitor_interval: MonitorInterval = 1.0,
-    progress: Progress = "true",
+    experiment: Annotated[str, typer.Option(help="MLflow experiment name")] = "ptq",
+    monitor: Annotated[str, typer.Option("--monitor", help="Sample resources during the run: true/false")] = "true",
+    monitor_interval: Annotated[float, typer.Option(help="Seconds between resource samples")] = 1.0,
+    progress: Annotated[str, typer.Option(help="Draw progress bars (on a terminal): true/false")] = "true",
 ) -> None:
     """Quantize, evaluate and benchmark one model; log everything to MLflow."""
     options = {k: v for k, v in locals().items() if k not in ("model", "precision", "backend", "calib_method")}
@@ -132,38 +113,28 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sweep(
+    ctx: typer.Context,
     name: Annotated[str, typer.Option(help="Sweep name; rerunning the same sweep resumes it")] = "",
     preset: Annotated[str, typer.Option(help="study (the seed's six CNNs) or edge-lite (lite0-2)")] = "",
     models_: Annotated[str, typer.Option("--models", help="Comma-separated models (added to the preset's)")] = "",
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions")] = "fp32,fp16,int8",
     backends: Annotated[str, typer.Option(help="Comma-separated backends")] = "ort",
     calib_methods: Annotated[str, typer.Option(help="Comma-separated INT8 calibration methods")] = QuantOptions.calib_method,
-    weights: Weights = "pretrained",
-    data: Data = None,
-    calib_size: CalibSize = 100,
-    eval_size: EvalSize = 0,
-    split_seed: SplitSeed = 0,
-    batch_size: BatchSize = 1,
-    eval_batch_size: EvalBatchSize = 32,
-    threads: Threads = 0,
-    warmup: Warmup = 20,
-    iters: Iters = 200,
-    per_channel: PerChannel = "true",
-    activation_type: ActivationType = QuantOptions.activation_type,
-    experiment: Experiment = "ptq",
-    monitor: MonitorOn = "true",
-    monitor_interval: MonitorInterval = 1.0,
-    progress: Progress = "true",
 ) -> None:
-    """Run a grid of models x precisions x backends as child runs of one parent run; resumable."""
+    """Run a grid of models x precisions x backends as child runs of one parent run; resumable.
+
+    Every other `ptq run` option (--weights, --data, --calib-size, --iters, ...) applies to all its runs.
+    """
     if preset and preset not in sweeps.PRESETS:
         raise PtqError(f"unknown preset {preset!r}: use one of {', '.join(sweeps.PRESETS)}")
     grid_models = [*sweeps.PRESETS.get(preset, ()), *_names(models_)]
-    methods = _names(calib_methods)
-    options = {k: v for k, v in locals().items() if k in RunConfig.__dataclass_fields__ or k in ("per_channel", "activation_type", "eval_size")}
-    base = _config(grid_models[0] if grid_models else "", "fp32", "ort", methods[0] if methods else "", options)
+    methods = _names(calib_methods) or [QuantOptions.calib_method]
+    run_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    parsed = run_command.make_context("run", ["--model", "-", *ctx.args]).params  # the run options, parsed as `ptq run` would
+    options = {k: v for k, v in parsed.items() if k not in ("model", "precision", "backend", "calib_method")}
+    base = _config(grid_models[0] if grid_models else "", "fp32", "ort", methods[0], options)
     result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), methods)
     console.print(
         f"sweep run {result.parent_run_id}: {len(result.passed)} ran, {len(result.skipped)} already finished, {len(result.failed)} failed"

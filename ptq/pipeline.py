@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import torch
 
-from ptq import bench, data, export, models, tracking
+from ptq import bench, data, export, models, quantize, tracking
 from ptq.backends import Backend, Compressed, CompressJob, Session, get_backend
 from ptq.config import RunConfig
 from ptq.monitor import Monitor
@@ -95,6 +95,7 @@ def _execute(
     mlflow.log_dict({"calib": [dataset.files[i].name for i in calib_idx], "eval": [dataset.files[i].name for i in eval_idx]}, "split.json")
 
     def calib_batches(batch_size: int) -> Iterator[np.ndarray]:
+        batch_size = quantize.even_batch(len(calib_idx), batch_size)
         starts = range(0, len(calib_idx), batch_size)
         for s in track(starts, total=len(starts), description="calibrate", enabled=cfg.progress):
             yield tensors.batch(calib_idx[s : s + batch_size])

@@ -64,6 +64,12 @@ class QuantOptions:
             raise PtqError(f"percentile={self.percentile} must be in (0, 100]")
 
 
+def even_batch(images: int, preferred: int) -> int:
+    """The largest batch size up to `preferred` that divides `images`: ONNX Runtime's histogram calibrators
+    (entropy, percentile) fail on a short last batch, so every calibration batch has the same size."""
+    return max(d for d in range(1, max(1, min(preferred, images)) + 1) if images % d == 0) if images else 1
+
+
 class BatchReader(CalibrationDataReader):
     """Feeds calibration images to ONNX Runtime's calibrator in batches."""
 

@@ -129,3 +129,15 @@ def test_example_analysis_script_runs(small_dir: Path, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(script), "ptq", str(tmp_path / "plot.png")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "mob-s" in out.stdout and (tmp_path / "plot.png").stat().st_size > 5000
+
+
+def test_cli_sweep_passes_run_options_to_every_run(small_dir: Path, store: Path) -> None:
+    ptq = Path(sys.executable).parent / "ptq"
+    args = ["sweep", "--models", "mob-s", "--precisions", "fp32", "--weights", "random", "--data", str(small_dir),
+            "--calib-size", "4", "--iters", "3", "--warmup", "1", "--monitor", "false"]
+    out = subprocess.run([str(ptq), *args], capture_output=True, text=True, timeout=300, cwd=store)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = children().iloc[0]
+    assert run["params.calib_size"] == "4" and run["params.iters"] == "3" and run["params.weights"] == "random"
+    bad = subprocess.run([str(ptq), "sweep", "--models", "mob-s", "--calib-sise", "4"], capture_output=True, text=True, timeout=120, cwd=store)
+    assert bad.returncode != 0 and "calib-sise" in bad.stderr
