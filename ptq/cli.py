@@ -53,6 +53,7 @@ def _config(model: str, precision: str, backend: str, calib_method: str, options
         weight_type=str(o.pop("weight_type")),
         quant_format=str(o.pop("quant_format")),
         percentile=float(o.pop("percentile")),  # type: ignore[arg-type]
+        calib_bins=int(o.pop("calib_bins")),  # type: ignore[call-overload]
     )
     return RunConfig(
         model=model,
@@ -90,6 +91,7 @@ def run(
     weight_type: Annotated[str, typer.Option(help="int8 or uint8 weights")] = QuantOptions.weight_type,
     quant_format: Annotated[str, typer.Option(help="qdq or qoperator")] = QuantOptions.quant_format,
     percentile: Annotated[float, typer.Option(help="Percentile kept by calib_method=percentile")] = QuantOptions.percentile,
+    calib_bins: Annotated[int, typer.Option(help="Histogram bins of entropy/percentile calibration")] = QuantOptions.calib_bins,
     workspace_mb: Annotated[int, typer.Option(help="TensorRT builder workspace limit (MiB)")] = 1024,
     int8_mode: Annotated[str, typer.Option(help="TensorRT INT8: auto, implicit (calibrator) or explicit (QDQ)")] = "auto",
     dla_core: Annotated[int, typer.Option(help="Jetson DLA core for TensorRT (GPU fallback); -1 = GPU")] = -1,

@@ -37,6 +37,8 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> str:
     split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)
     torch.manual_seed(cfg.split_seed)  # weights=random is reproducible too
     module = spec.build(cfg.weights) if spec.build else None
+    if spec.onnx_path is not None:
+        export.check(spec.onnx_path)
     tracking.select_store()
 
     params = {**cfg.params(), "data_hash": dataset.content_hash, "data_images": str(len(dataset.files))}
@@ -76,7 +78,6 @@ def _execute(
     fp32_path = work / "model_fp32.onnx"
     with phases("export"):
         if spec.onnx_path is not None:
-            export.check(spec.onnx_path)
             shutil.copyfile(spec.onnx_path, fp32_path)
         else:
             assert module is not None

@@ -47,6 +47,9 @@ class QuantOptions:
     weight_type: str = "int8"
     quant_format: str = "qdq"
     percentile: float = 99.999
+    # Histogram bins for entropy/percentile. ONNX Runtime's entropy default (128 bins, 128 quantized bins)
+    # leaves a single candidate threshold, the full range, which makes it identical to minmax; 2048 is TensorRT's.
+    calib_bins: int = 2048
     symmetric_activations: bool = False  # TensorRT's explicit quantization needs symmetric int8 activations
     calib_batch: int = 8
 
@@ -62,6 +65,8 @@ class QuantOptions:
                 raise PtqError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
         if not 0 < self.percentile <= 100:
             raise PtqError(f"percentile={self.percentile} must be in (0, 100]")
+        if self.calib_bins < 256:
+            raise PtqError(f"calib_bins={self.calib_bins} must be at least 256 (entropy needs more bins than its 128 quantized bins)")
 
 
 def even_batch(images: int, preferred: int) -> int:
@@ -118,6 +123,8 @@ def to_int8(
     options.validate()
     method = CALIB_METHODS[options.calib_method]
     calib_extra: dict[str, object] = {"symmetric": options.symmetric_activations}
+    if method is not CalibrationMethod.MinMax:
+        calib_extra["num_bins"] = options.calib_bins
     if method is CalibrationMethod.Percentile:
         calib_extra["percentile"] = options.percentile
     with tempfile.TemporaryDirectory(prefix="ptq-quant-") as tmp:

@@ -128,7 +128,7 @@ def test_entropy_calibration_with_uneven_image_count(small_dir: Path) -> None:
 
     assert (even_batch(10, 8), even_batch(300, 8), even_batch(97, 8), even_batch(3, 8)) == (5, 6, 1, 3)
     cfg = RunConfig(model="mob-s", weights="random", data=small_dir, calib_size=10, eval_size=8, iters=3, warmup=1,
-                    quant=QuantOptions(calib_method="entropy"), monitor=False, progress=False)
+                    quant=QuantOptions(calib_method="entropy", calib_bins=256), monitor=False, progress=False)
     assert mlflow.get_run(pipeline.run(cfg)).info.status == "FINISHED"
 
 
@@ -166,6 +166,20 @@ def test_bad_input_fails_before_any_run(small_dir: Path, changes: dict[str, obje
     with pytest.raises(PtqError, match=message):
         pipeline.run(cfg)
     assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_own_onnx_file_and_a_corrupt_one(small_dir: Path, tmp_path: Path) -> None:
+    from ptq import export, models
+
+    path = export.to_onnx(models.resolve("mob-s").build("random"), 224, tmp_path / "mine.onnx")  # type: ignore[misc]
+    run_id = pipeline.run(RunConfig(model=str(path), weights="random", precision="int8", data=small_dir, calib_size=8, eval_size=8, iters=3, warmup=1, monitor=False, progress=False))
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ptq.model_source"] == "onnx" and run.data.metrics["size/ratio"] > 3
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x07garbage that is not a protobuf")
+    with pytest.raises(PtqError, match="broken.onnx is not a valid ONNX model.*re-export"):
+        pipeline.run(RunConfig(model=str(broken), data=small_dir))
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 1  # refused before a run was opened
 
 
 def test_pretrained_torchvision_offline_names_file_and_remedies(small_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
