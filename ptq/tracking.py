@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 import traceback
@@ -35,7 +36,9 @@ def probe(uri: str) -> str | None:
         return None
     except Exception as exc:
         msg = str(exc).splitlines()[0][:160]
-        if any(code in str(exc) for code in ("401", "403", "Unauthorized", "PERMISSION_DENIED")):
+        text = str(exc)
+        denied = getattr(exc, "error_code", "") in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+        if denied or re.search(r"error code 40[13]\b|Unauthorized|not authenticated", text):
             raise PtqError(
                 f"tracking server {uri} refused the credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
             ) from None

@@ -166,7 +166,9 @@ def test_basic_auth_right_and_wrong_credentials(tmp_path: Path, monkeypatch: pyt
 
 
 def test_wrong_server_uri_is_a_clear_error_for_reading(monkeypatch: pytest.MonkeyPatch) -> None:
-    uri = f"http://127.0.0.1:{free_port()}"
+    with socket.socket() as s:  # a refused port whose number contains 401 and 403 is not an auth failure
+        s.bind(("127.0.0.1", 40133))
+    uri = "http://127.0.0.1:40133"
     mlflow.set_tracking_uri(uri)
     with pytest.raises(PtqError, match="is unreachable.*start it"):
         tracking.check_reachable()
