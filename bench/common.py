@@ -50,8 +50,7 @@ def exported(name: str, weights: str = "pretrained") -> tuple[models.ModelSpec, 
 def int8(fp32: Path, batches: list[np.ndarray], options: quantize.QuantOptions | None = None, tag: str = "") -> Path:
     """ptq's INT8 compression of `fp32` with the given options."""
     out = fp32.with_name(fp32.stem.replace("fp32", f"int8{tag}") + ".onnx")
-    reader = quantize.BatchReader(export.input_name(fp32), iter(batches))
-    quantize.to_int8(fp32, out, reader, options or quantize.QuantOptions(), Phases(), out.with_suffix(".ranges.json"))
+    quantize.to_int8(fp32, out, iter(batches), options or quantize.QuantOptions(), Phases(), out.with_suffix(".ranges.json"))
     return out
 
 

@@ -2,7 +2,8 @@
 
 Each setting quantizes with ptq and evaluates on the same 700 evaluation images as the FP32 model
 (the split's complement of the largest calibration set), printing the top-1 drop in points and the
-compression time. Usage: python bench/int8_grid.py [lite0 lite1 lite2]
+compression time. Usage: python bench/int8_grid.py [lite0 lite1 lite2] [--full]
+(entropy and percentile run with the smaller calibration set unless --full: each takes minutes)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ PER_CHANNEL = (True, False)
 CALIB_SIZES = (100, 300)
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], flags: set[str]) -> None:
     print(f"{'model':<6} {'method':<10} {'per_ch':<6} {'calib':>5} {'fp32 top1':>9} {'int8 top1':>9} {'drop pt':>8} {'compress s':>10}")
     for name in names:
         spec, fp32 = exported(name)
@@ -35,6 +36,8 @@ def main(names: list[str]) -> None:
         labels = np.asarray([ds.labels[i] for i in eval_idx])
         ref = bench.evaluate(open_session(str(fp32), 2), tensors, eval_idx, labels, 32, progress=False).top1
         for method, per_channel, n in itertools.product(METHODS, PER_CHANNEL, CALIB_SIZES):
+            if method != "minmax" and n != CALIB_SIZES[0] and "--full" not in flags:  # histogram methods take minutes each
+                continue
             batches = batched(tensors, order[:n])
             opts = quantize.QuantOptions(calib_method=method, per_channel=per_channel)
             t0 = time.perf_counter()
@@ -45,4 +48,5 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["lite0", "lite1", "lite2"])
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(args or ["lite0", "lite1", "lite2"], {a for a in sys.argv[1:] if a.startswith("--")})

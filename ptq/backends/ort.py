@@ -7,7 +7,6 @@ import onnxruntime as ort
 
 from ptq import quantize
 from ptq.backends import Backend, Compressed, CompressJob, Session
-from ptq.export import input_name
 
 
 class OrtSession(Session):
@@ -41,8 +40,7 @@ class OrtBackend(Backend):
             with job.phases("convert"):
                 return Compressed(quantize.to_fp16(job.fp32_onnx, out))
         cache = job.workdir / "calibration_ranges.json"
-        reader = quantize.BatchReader(input_name(job.fp32_onnx), job.calib_batches(job.quant.calib_batch))
-        quantize.to_int8(job.fp32_onnx, out, reader, job.quant, job.phases, cache)
+        quantize.to_int8(job.fp32_onnx, out, job.calib_batches(job.quant.calib_batch), job.quant, job.phases, cache)
         return Compressed(out, artifacts=[cache])
 
     def open(self, model: Compressed, threads: int) -> Session:

@@ -24,7 +24,6 @@ from ptq import quantize
 from ptq.backends import Backend, Compressed, CompressJob, EngineOptions, Session
 from ptq.data import cache_dir
 from ptq.errors import PtqError
-from ptq.export import input_name
 from ptq.tracking import gpu_name
 
 log = logging.getLogger(__name__)
@@ -304,8 +303,8 @@ class TensorRTBackend(Backend):
             if mode == "explicit":  # TensorRT wants symmetric int8 activations and weights in QDQ
                 source = job.workdir / "model_int8_qdq.onnx"
                 opts = replace(job.quant, activation_type="int8", weight_type="int8", symmetric_activations=True, quant_format="qdq")
-                reader = quantize.BatchReader(input_name(job.fp32_onnx), job.calib_batches(job.quant.calib_batch))
-                quantize.to_int8(job.fp32_onnx, source, reader, opts, job.phases, job.workdir / "calibration_ranges.json")
+                batches = job.calib_batches(job.quant.calib_batch)
+                quantize.to_int8(job.fp32_onnx, source, batches, opts, job.phases, job.workdir / "calibration_ranges.json")
                 artifacts += [source, job.workdir / "calibration_ranges.json"]
             else:
                 feed = CalibrationFeed(job.calib_batches(job.quant.calib_batch), job.quant.calib_batch, job.workdir / "calibration.cache")
