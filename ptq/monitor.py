@@ -48,15 +48,28 @@ class Source(ABC):
         """Release the sensor."""
 
 
+def busy_pct(before: Any, after: Any) -> float:
+    """CPU busy % of one core between two `psutil.cpu_times` readings (idle and iowait count as not busy;
+    guest time is already inside user time on Linux)."""
+    delta = {f: getattr(after, f) - getattr(before, f) for f in after._fields if f not in ("guest", "guest_nice")}
+    total = sum(delta.values())
+    idle = delta.get("idle", 0.0) + delta.get("iowait", 0.0)
+    return 100.0 * (total - idle) / total if total > 0 else 0.0
+
+
 class PsutilSource(Source):
-    """System and process CPU, memory, swap and disk I/O."""
+    """System and process CPU, memory, swap and disk I/O.
+
+    System CPU % is computed from this source's own `cpu_times` readings, not `psutil.cpu_percent`, whose
+    baseline is kept per calling thread: samples come from the sampler thread and from the run's thread
+    (phase boundaries), and each must cover exactly the interval since the previous sample."""
 
     name = "psutil"
 
     def open(self) -> None:
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)
-        psutil.cpu_percent(None, percpu=True)
+        self.cores = psutil.cpu_times(percpu=True)
         self.io = psutil.disk_io_counters()
         self.t = time.monotonic()
 
@@ -66,7 +79,9 @@ class PsutilSource(Source):
     def read(self) -> dict[str, float]:
         now = time.monotonic()
         dt = max(now - self.t, 1e-6)
-        per_core = psutil.cpu_percent(None, percpu=True)
+        cores = psutil.cpu_times(percpu=True)
+        per_core = [busy_pct(a, b) for a, b in zip(self.cores, cores)]
+        self.cores = cores
         proc_cpu = self.proc.cpu_percent(None)
         io = psutil.disk_io_counters()
         vm, swap, mem = psutil.virtual_memory(), psutil.swap_memory(), self.proc.memory_info()

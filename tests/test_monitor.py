@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from ptq.monitor import Monitor, PsutilSource, Source, jtop_metrics, jtop_tags
@@ -100,6 +101,24 @@ def test_every_phase_gets_its_own_figures_even_when_short() -> None:
     assert s["phase/calibrate/proc_cpu_pct_mean"] > 20
     assert s["phase/latency/energy_per_img_j"] == pytest.approx(s["phase/latency/energy_j"] / 40)
     assert {smp.phase for smp in mon.samples} >= {"export", "calibrate", "latency"}
+
+
+def test_cpu_rates_cover_each_interval_whichever_thread_samples() -> None:
+    """Ticks come from the sampler thread and boundaries from the run's thread; psutil.cpu_percent keeps a
+    baseline per thread, which made the first tick of a run read 0 % and later ones span the wrong interval."""
+    phases = Phases()
+    mon = Monitor(0.15, phases, [PsutilSource()])
+    mon.start()
+    for name in ("busy1", "busy2", "busy3"):
+        with phases(name):
+            end = time.perf_counter() + 0.4
+            while time.perf_counter() < end:  # one core fully busy: system CPU is at least 1/cores of the machine
+                pass
+    mon.stop()
+    busy = [s for s in mon.samples if s.phase.startswith("busy") and "sys/cpu_pct" in s.values]
+    assert len(busy) >= 6
+    floor = 100 / psutil.cpu_count() * 0.6
+    assert all(s.values["sys/cpu_pct"] > floor for s in busy), [(s.phase, round(s.dt, 3), s.values["sys/cpu_pct"]) for s in busy]
 
 
 def test_failing_source_warns_once_and_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
