@@ -12,7 +12,7 @@ import pytest
 from ptq import pipeline
 from ptq.backends import EngineOptions, get_backend
 from ptq.backends import tensorrt as trt_backend
-from ptq.backends.tensorrt import CalibrationFeed, Capabilities, check_capabilities, engine_mismatch, resolve_int8_mode
+from ptq.backends.tensorrt import CalibrationFeed, Capabilities, check_capabilities, check_version, engine_mismatch, resolve_int8_mode
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 from ptq.phases import Phases
@@ -50,6 +50,14 @@ def test_int8_mode_follows_tensorrt_version() -> None:
     assert resolve_int8_mode("auto", "8.6.2") == "implicit"
     assert resolve_int8_mode("auto", "10.3.0") == "explicit"  # JetPack 6 / Orin
     assert resolve_int8_mode("implicit", "10.3.0") == "implicit"
+
+
+def test_tensorrt_versions_outside_8_5_to_10_are_refused() -> None:
+    for ok in ("8.5.2.2", "8.6.2.3", "10.3.0", "10.13.0.35"):
+        check_version(ok)
+    for old_or_new in ("8.4.1.5", "7.1.3", "11.0.0"):
+        with pytest.raises(PtqError, match=f"TensorRT {old_or_new} is not supported.*8.5 to 10"):
+            check_version(old_or_new)
 
 
 def test_unsupported_precision_or_dla_is_refused() -> None:

@@ -53,6 +53,17 @@ def major_version(version: str) -> int:
     return int(version.split(".", 1)[0])
 
 
+def check_version(version: str) -> None:
+    """Refuse a TensorRT this backend was not written for: the tensor-name API came in 8.5 (JetPack 5),
+    and 11 removed the FP16/INT8 builder flags and calibrators that 8.5-10 (JetPack 6) share."""
+    major, minor = (int(v) for v in version.split(".")[:2])
+    if not (8, 5) <= (major, minor) < (11, 0):
+        raise PtqError(
+            f"TensorRT {version} is not supported by backend=tensorrt: it needs TensorRT 8.5 to 10.x "
+            "(JetPack 5 or 6; TensorRT 11 removed the FP16/INT8 builder flags and calibrators it uses)"
+        )
+
+
 def resolve_int8_mode(mode: str, trt_version: str) -> str:
     """`auto` means implicit calibration before TensorRT 10 and explicit QDQ from 10 on."""
     if mode != "auto":
@@ -290,6 +301,7 @@ class TensorRTBackend(Backend):
     def check(self, precision: str) -> None:
         super().check(precision)
         require_tensorrt()
+        check_version(str(trt.__version__))
         self.cuda  # noqa: B018  (fails early with the install hint)
         check_capabilities(precision, EngineOptions(), self.capabilities())
 
