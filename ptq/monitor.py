@@ -407,6 +407,7 @@ class Monitor:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
 
         keys = sorted({k for s in self.samples for k in s.values})
         wanted: list[str] = [k for k in ("sys/cpu_pct", "proc/cpu_pct", "proc/rss_mb", "sys/ram_used_mb", "gpu/util_pct", "gpu/mem_mb") if k in keys]
@@ -422,11 +423,11 @@ class Monitor:
             ax.grid(alpha=0.3)
             for phase, a, b in spans:
                 ax.axvspan(a, b, color=palette[phase], alpha=0.25, lw=0)
-        top = axes[0, 0]
-        for phase, a, b in spans:
-            top.annotate(phase, ((a + b) / 2, 1.02), xycoords=("data", "axes fraction"), ha="center", fontsize=7, rotation=30)
         axes[-1, 0].set_xlabel("seconds since run start")
-        fig.tight_layout()
+        # a legend, not labels on the spans: sub-second phases (warm-up, build) would print on top of each other
+        handles = [Patch(color=color, alpha=0.4, label=phase) for phase, color in palette.items()]
+        fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight() * (1 + len(handles) // 7)))
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
