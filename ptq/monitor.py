@@ -327,9 +327,15 @@ class Monitor:
             with self._lock:
                 self._sample()
 
+    # Two boundaries closer than this (a phase ending as the run stops) would log the same point twice at the
+    # same millisecond, which MLflow stores once: such an interval carries no information and is not sampled.
+    MIN_SAMPLE_INTERVAL_S = 0.001
+
     def _sample(self) -> None:
         cpu_start = time.thread_time()
         now = time.monotonic()
+        if now - self._last < self.MIN_SAMPLE_INTERVAL_S:
+            return
         sample = Sample(now - self._t0, time.time(), now - self._last, self._phase)
         for src in list(self.sources):
             try:
