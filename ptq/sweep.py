@@ -107,8 +107,18 @@ def run_sweep(
                 except Exception as exc:  # one failed combination does not stop the others
                     log.warning("sweep %s: %s failed: %s", name, label, exc)
                     failed.append(label)
-        finally:
-            done = len(skipped) + len(passed)
-            mlflow.log_metrics({"sweep/total": len(grid), "sweep/finished": done, "sweep/ran": len(passed), "sweep/skipped": len(skipped), "sweep/failed": len(failed)})
-            mlflow.set_tag("ptq.sweep_failed", ", ".join(failed)[:5000] or "none")
+        except BaseException as exc:  # Ctrl-C (KILLED, like its interrupted child) or a lost store: rerun to resume
+            _log_counts(grid, passed, failed, skipped)
+            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        _log_counts(grid, passed, failed, skipped)
         return SweepResult(parent.info.run_id, passed, failed, skipped)
+
+
+def _log_counts(grid: list[dict[str, str]], passed: list[str], failed: list[str], skipped: list[str]) -> None:
+    """The parent's tally: how many combinations finished, ran now, were skipped or failed."""
+    mlflow.log_metrics(
+        {"sweep/total": len(grid), "sweep/finished": len(skipped) + len(passed), "sweep/ran": len(passed), "sweep/skipped": len(skipped), "sweep/failed": len(failed)}
+    )
+    mlflow.set_tag("ptq.sweep_failed", ", ".join(failed)[:5000] or "none")
+

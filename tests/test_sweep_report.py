@@ -38,6 +38,9 @@ def test_sweep_interrupted_then_resumed_leaves_no_duplicates(small_dir: Path, mo
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep("t", base, ["mob-s"], ["fp32", "fp16", "int8"])
     assert len(children()) == 2
+    runs = mlflow.search_runs(experiment_names=["ptq"])
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[0]
+    assert parent.status == "KILLED" and parent["metrics.sweep/finished"] == 2  # Ctrl-C, not a failure
     monkeypatch.setattr(pipeline, "run", real_run)
 
     result = sweep.run_sweep("t", base, ["mob-s"], ["fp32", "fp16", "int8"])
