@@ -125,11 +125,14 @@ class Tensors:
     from_cache: bool
 
     def batch(self, indices: list[int] | tuple[int, ...]) -> np.ndarray:
-        """Normalized float32 NCHW batch for the given image indices."""
-        x = self.pixels[list(indices)].astype(np.float32) / 255.0
-        mean = np.asarray(self.transform.mean, np.float32).reshape(1, 3, 1, 1)
+        """Normalized float32 NCHW batch for the given image indices: (x / 255 - mean) / std as one
+        per-channel scale and offset, in place (this runs once per evaluation batch)."""
+        x = self.pixels[list(indices)].astype(np.float32)
         std = np.asarray(self.transform.std, np.float32).reshape(1, 3, 1, 1)
-        return (x - mean) / std
+        mean = np.asarray(self.transform.mean, np.float32).reshape(1, 3, 1, 1)
+        x *= 1.0 / (255.0 * std)
+        x -= mean / std
+        return x
 
 
 def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:

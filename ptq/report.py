@@ -139,9 +139,13 @@ def _plots(table: pd.DataFrame, work: Path, folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     acc = table.dropna(subset=["drop_pt", "speedup"])
-    ax.scatter(acc["speedup"], acc["drop_pt"])
+    for precision, group in acc.groupby("precision"):  # horizontal bars: the speed-up's 95 % bootstrap interval
+        err = np.abs(group[["speedup_ci_low", "speedup_ci_high"]].to_numpy().T - group["speedup"].to_numpy())
+        ax.errorbar(group["speedup"], group["drop_pt"], xerr=np.nan_to_num(err), fmt="o", capsize=3, label=precision)
     for _, r in acc.iterrows():
-        ax.annotate(f"{r.model} {r.precision}", (r.speedup, r.drop_pt), fontsize=7)
+        ax.annotate(f"{r.model} @{r.device}" if table["device"].nunique() > 1 else r.model, (r.speedup, r.drop_pt), fontsize=7)
+    if len(acc):
+        ax.legend(fontsize=8)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(1, color="grey", lw=0.5)
     ax.set(xlabel="speed-up over FP32 (p50)", ylabel="top-1 drop (points)", title="What compression buys vs what it costs")
