@@ -121,4 +121,3 @@ def _log_counts(grid: list[dict[str, str]], passed: list[str], failed: list[str]
         {"sweep/total": len(grid), "sweep/finished": len(skipped) + len(passed), "sweep/ran": len(passed), "sweep/skipped": len(skipped), "sweep/failed": len(failed)}
     )
     mlflow.set_tag("ptq.sweep_failed", ", ".join(failed)[:5000] or "none")
-
