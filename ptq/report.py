@@ -232,9 +232,11 @@ def build(experiments: list[str], out: Path, device: str = "", model: str = "", 
     (out / "report.md").write_text(markdown(table))
     files += [out / "runs.csv", out / "report.md"]
     if log_run:
-        mlflow.set_experiment("ptq-reports")
-        with mlflow.start_run(run_name="report"):
-            mlflow.log_params({"experiments": ",".join(experiments), "device": device, "model": model, "precision": precision, "runs": str(len(table))})
+        if not tracking.under_mlflow_run():  # `mlflow run -e report` logs into its own project run
+            tracking.set_experiment("ptq-reports")
+        with mlflow.start_run(run_name="report") as active:
+            params = {"experiments": ",".join(experiments), "device": device, "model": model, "precision": precision, "runs": str(len(table))}
+            mlflow.log_params(tracking.new_params(active.info.run_id, params))
             for f in files:
                 mlflow.log_artifact(str(f))
     return Report(out, table, files)

@@ -7,7 +7,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 from dataclasses import dataclass, replace
 
 import mlflow
@@ -77,7 +76,7 @@ def run_sweep(
     sweep_key = _key(name, device, grid, run_params)
     client = MlflowClient()
     parent_id = None
-    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run -e sweep`, the project's run is the parent
+    if not tracking.under_mlflow_run():  # under `mlflow run -e sweep`, the project's run is the parent
         tracking.set_experiment(base.experiment)
         experiment = mlflow.get_experiment_by_name(base.experiment)
         assert experiment is not None

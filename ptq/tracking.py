@@ -96,6 +96,12 @@ def select_store() -> str | None:
     return uri
 
 
+def under_mlflow_run() -> bool:
+    """True inside `mlflow run`, whose project run (MLFLOW_RUN_ID) is adopted rather than a new one opened
+    in an experiment of ptq's choosing (MLflow refuses a run outside the experiment it was started in)."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
 def set_experiment(name: str) -> None:
     """Activate experiment `name`, creating it if needed. Safe when many devices create it at once
     (mlflow.set_experiment can then leave a loser in 'Default'); offline, artifacts live beside the database."""
@@ -186,7 +192,7 @@ def run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, 
     """Open a run (nested under the active one in a sweep; adopted under `mlflow run`); on error mark it
     FAILED (KILLED on Ctrl-C) with the error, keeping all logged so far."""
     nested = mlflow.active_run() is not None  # a sweep's child run
-    if not nested and not os.environ.get("MLFLOW_RUN_ID"):
+    if not nested and not under_mlflow_run():
         set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested) as active:
         mlflow.set_tags({**fingerprint(), **offline_tags(), **tags})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,22 @@ def test_cli_sweep_passes_run_options_to_every_run(small_dir: Path, store: Path)
     assert run["params.calib_size"] == "4" and run["params.iters"] == "3" and run["params.weights"] == "random"
     bad = subprocess.run([str(ptq), "sweep", "--models", "mob-s", "--calib-sise", "4"], capture_output=True, text=True, timeout=120, cwd=store)
     assert bad.returncode != 0 and "calib-sise" in bad.stderr
+
+
+def test_report_and_sweep_entry_points(small_dir: Path, tmp_path: Path, store: Path) -> None:
+    """`mlflow run -e sweep` and `mlflow run -e report`: each logs into the run that `mlflow run` opened."""
+    project = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    mlflow_run = [str(Path(sys.executable).parent / "mlflow"), "run", str(project), "--env-manager", "local"]
+    sweep_args = ["-e", "sweep", "--experiment-name", "ptq", "-P", "preset=", "-P", "models=mob-s", "-P", "weights=random",
+                  "-P", "precisions=fp32", "-P", f"data={small_dir}", "-P", "calib_size=4", "-P", "eval_size=8", "-P", "iters=3", "-P", "monitor=false"]
+    out = subprocess.run([*mlflow_run, *sweep_args], capture_output=True, text=True, timeout=600, env=env, cwd=store)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(children()) == 1 and children().iloc[0]["status"] == "FINISHED"
+    out = subprocess.run([*mlflow_run, "-e", "report", "-P", f"out={tmp_path / 'rep'}"], capture_output=True, text=True, timeout=600, env=env, cwd=store)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| mob-s (random) | fp32 |" in (tmp_path / "rep" / "report.md").read_text()
+    project_run = mlflow.search_runs(experiment_ids=["0"]).iloc[0]  # the report entry point's own run
+    assert project_run.status == "FINISHED" and project_run["params.runs"] == "1"
+    assert "report.md" in {a.path for a in mlflow.MlflowClient().list_artifacts(project_run.run_id)}
