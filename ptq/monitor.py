@@ -220,6 +220,18 @@ def jtop_tags(stats: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def jtop_gpu_freq_mhz(gpus: Any) -> float | None:
+    """The integrated GPU's current frequency from `jtop.gpu`, which jetson-stats 4 keys by the GPU's own
+    name (gv11b on Xavier, ga10b on Orin) with `freq.cur` in kHz; None where it does not say."""
+    try:
+        for info in dict(gpus.items()).values():
+            if info.get("type") == "integrated" and "cur" in info.get("freq", {}):
+                return float(info["freq"]["cur"]) / 1e3
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return None
+
+
 class JtopSource(Source):
     """NVIDIA Jetson through jetson-stats' service: GPU, CPU cores, shared RAM, power rails, temperatures."""
 
@@ -230,15 +242,11 @@ class JtopSource(Source):
 
         self.jetson = jtop()
         self.jetson.start()
-        self.gpu_freq = True
 
     def read(self) -> dict[str, float]:
         out = jtop_metrics(self.jetson.stats)
-        if self.gpu_freq:
-            try:  # jetson-stats 4+: jetson.gpu = {'gpu': {'freq': {'cur': kHz, ...}, ...}}
-                out["gpu/freq_mhz"] = float(self.jetson.gpu["gpu"]["freq"]["cur"]) / 1e3
-            except (KeyError, TypeError, AttributeError):
-                self.gpu_freq = False
+        if (freq := jtop_gpu_freq_mhz(self.jetson.gpu)) is not None:
+            out["gpu/freq_mhz"] = freq
         return out
 
     def tags(self) -> dict[str, str]:

@@ -11,7 +11,7 @@ import mlflow
 import psutil
 import pytest
 
-from ptq.monitor import Monitor, PsutilSource, Source, jtop_metrics, jtop_tags
+from ptq.monitor import Monitor, PsutilSource, Source, jtop_gpu_freq_mhz, jtop_metrics, jtop_tags
 from ptq.phases import Phases
 
 # A `jtop.stats` dictionary as jetson-stats 4.x returns it on a Jetson AGX Orin (values as documented:
@@ -41,6 +41,23 @@ def test_jtop_mapping() -> None:
     assert m["jetson/emc_pct"] == 3 and m["jetson/clocks_on"] == 1.0
     assert "power/tot_w" not in m  # the board total maps to one name only
     assert jtop_tags(ORIN_STATS) == {"device.nvpmodel": "MAXN", "device.jetson_clocks": "ON"}
+
+
+# `jtop.gpu` on an Orin (jetson-stats 4.x): keyed by the GPU's name, frequencies in kHz.
+ORIN_GPU = {
+    "ga10b": {
+        "type": "integrated",
+        "status": {"railgate": False, "tpc_pg_mask": False, "3d_scaling": True, "load": 47.5},
+        "freq": {"governor": "nvhost_podgov", "cur": 1300500, "max": 1300500, "min": 306000, "GPC": [1300500, 1300500]},
+        "power_control": "auto",
+    }
+}
+
+
+def test_jtop_gpu_frequency() -> None:
+    assert jtop_gpu_freq_mhz(ORIN_GPU) == pytest.approx(1300.5)
+    assert jtop_gpu_freq_mhz({"gv11b": {"type": "integrated", "status": {}, "freq": {"cur": 1377000}}}) == 1377.0  # Xavier
+    assert jtop_gpu_freq_mhz({"0": {"type": "discrete", "freq": {}}}) is None and jtop_gpu_freq_mhz(None) is None
 
 
 class ConstantPower(Source):
