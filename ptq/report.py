@@ -98,8 +98,12 @@ def speedup_ci(fp32_ms: np.ndarray, ms: np.ndarray, seed: int = 0) -> tuple[floa
 
 
 def _artifact_csv(run_id: str, path: str, folder: Path) -> pd.DataFrame | None:
+    """A run's CSV artifact, downloaded into `folder` once (statistics and plots both read latency.csv)."""
+    local = folder / run_id / path
     try:
-        return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder / run_id)))
+        if not local.is_file():  # a file artifact lands in dst_path under its base name
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(local.parent))
+        return pd.read_csv(local)
     except Exception:  # older runs, random weights, failed uploads: a gap, not a crash
         return None
 

@@ -107,6 +107,9 @@ def test_report_from_real_runs_with_gaps(small_dir: Path, tmp_path: Path) -> Non
     assert len(table) == 3
     lite = table[table["model"] == "lite0"].iloc[0]
     assert 0 <= lite.mcnemar_p <= 1 and lite.speedup_ci_low <= lite.speedup <= lite.speedup_ci_high
+    for artifact in ("latency.csv", "predictions.csv", "monitor/timeline.csv"):  # what the statistics and plots read
+        frame = report._artifact_csv(lite.run_id, artifact, tmp_path / "artifacts")
+        assert frame is not None and len(frame) > 0, artifact
     mob = table[table["model"] == "mob-s"].iloc[0]
     assert np.isnan(mob.drop_pt) and np.isnan(mob.mcnemar_p)  # random weights: no accuracy, a gap
     assert np.isnan(table[table["model"] == "r18"].iloc[0].p50_ms)
