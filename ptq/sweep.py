@@ -71,16 +71,15 @@ def run_sweep(
     for combo in grid:
         _configure(base, combo).validate()
     tracking.select_store()
-    device = tracking.fingerprint()["device.host"]
+    fingerprint = tracking.fingerprint()  # identifies this device's runs; also the parent's tags
+    device = fingerprint["device.host"]
     run_params = {k: v for k, v in base.params().items() if k not in ("model", "precision", "backend", "calib_method", "experiment")}
     sweep_key = _key(name, device, grid, run_params)
     client = MlflowClient()
     parent_id = None
     if not tracking.under_mlflow_run():  # under `mlflow run -e sweep`, the project's run is the parent
-        tracking.set_experiment(base.experiment)
-        experiment = mlflow.get_experiment_by_name(base.experiment)
-        assert experiment is not None
-        previous = client.search_runs([experiment.experiment_id], f"tags.`ptq.sweep_key` = '{sweep_key}'", max_results=1)
+        experiment_id = tracking.set_experiment(base.experiment)
+        previous = client.search_runs([experiment_id], f"tags.`ptq.sweep_key` = '{sweep_key}'", max_results=1)
         parent_id = previous[0].info.run_id if previous else None
     passed: list[str] = []
     failed: list[str] = []
@@ -88,7 +87,7 @@ def run_sweep(
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{name}") as parent:
         experiment_id = parent.info.experiment_id
         if not parent_id:
-            mlflow.set_tags({**tracking.fingerprint(), **tracking.offline_tags(), "ptq.sweep": name, "ptq.sweep_key": sweep_key})
+            mlflow.set_tags({**fingerprint, **tracking.offline_tags(), "ptq.sweep": name, "ptq.sweep_key": sweep_key})
             mlflow.log_params(tracking.new_params(parent.info.run_id, {**run_params, "sweep": name, "grid": json.dumps(grid)[:6000], "combinations": str(len(grid))}))
         try:
             for combo in track(grid, total=len(grid), description=f"sweep {name}", enabled=base.progress):

@@ -102,9 +102,9 @@ def under_mlflow_run() -> bool:
     return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
-def set_experiment(name: str) -> None:
-    """Activate experiment `name`, creating it if needed. Safe when many devices create it at once
-    (mlflow.set_experiment can then leave a loser in 'Default'); offline, artifacts live beside the database."""
+def set_experiment(name: str) -> str:
+    """Activate experiment `name`, creating it if needed, and return its id. Safe when many devices create it
+    at once (mlflow.set_experiment can then leave a loser in 'Default'); offline, artifacts live beside the database."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -117,6 +117,7 @@ def set_experiment(name: str) -> None:
         if experiment is None:
             raise PtqError(f"could not create or find experiment {name!r} on {mlflow.get_tracking_uri()}")
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return str(experiment.experiment_id)
 
 
 def _cpu_model() -> str:
