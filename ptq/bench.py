@@ -1,11 +1,14 @@
-"""Accuracy (top-1/top-5 with per-image predictions) and latency (warm-up, fixed iterations, percentiles)."""
+"""Accuracy (top-1/top-5 with per-image predictions) and latency (alternating blocks, percentiles, block bootstrap)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from ptq.backends import Session
 from ptq.data import Tensors
@@ -44,28 +47,54 @@ def evaluate(
     return Accuracy(float(hit1.mean()), float(hit5.mean()), top5, labels)
 
 
+@dataclass(frozen=True)
+class LatencyMethod:
+    """How latency is timed: LoadGen's single stream with a minimum query count *and* a minimum duration,
+    the models alternating in blocks so that drift (clocks, heat, other load) hits them alike."""
+
+    warmup: int = 20  # untimed queries per model before the first block
+    min_queries: int = 1000  # timed queries per model, at least
+    min_duration_s: float = 5.0  # timed seconds per model, at least
+    blocks: int = 10  # blocks per model, at least; the confidence interval resamples them
+    batch_size: int = 1
+
+    @property
+    def block_queries(self) -> int:
+        """Queries in one block: the minimum count spread over the minimum number of blocks."""
+        return -(-self.min_queries // self.blocks)
+
+
 @dataclass
 class Latency:
-    """Per-query latency statistics in milliseconds and throughput in images per second."""
+    """One model's per-query latencies (ms) and the block each query ran in."""
 
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    std_ms: float
-    img_s: float
-    samples_ms: np.ndarray
+    ms: np.ndarray
+    block: np.ndarray
+    seconds: float  # wall time of its timed blocks
+    batch_size: int
 
-    def metrics(self) -> dict[str, float]:
-        """The DESIGN.md metric names."""
-        return {
-            "latency/p50_ms": self.p50_ms,
-            "latency/p90_ms": self.p90_ms,
-            "latency/p99_ms": self.p99_ms,
-            "latency/mean_ms": self.mean_ms,
-            "latency/std_ms": self.std_ms,
-            "throughput/img_s": self.img_s,
+    def percentiles(self) -> tuple[float, float, float]:
+        """p50, p90, p99 over every timed query."""
+        p50, p90, p99 = np.percentile(self.ms, [50, 90, 99])
+        return float(p50), float(p90), float(p99)
+
+    def block_p50_spread_pct(self) -> float:
+        """How much each block's p50 strays from the others: their standard deviation over their mean, in %."""
+        medians = np.array([np.median(self.ms[self.block == b]) for b in np.unique(self.block)])
+        return float(100 * medians.std(ddof=1) / medians.mean()) if len(medians) > 1 else float("nan")
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Percentiles, mean, spread and throughput; `prefix` names the reference model (fp32_)."""
+        p50, p90, p99 = self.percentiles()
+        out = {
+            f"latency/{prefix}p50_ms": p50,
+            f"latency/{prefix}p90_ms": p90,
+            f"latency/{prefix}p99_ms": p99,
+            f"latency/{prefix}mean_ms": float(self.ms.mean()),
+            f"latency/{prefix}block_p50_spread_pct": self.block_p50_spread_pct(),
+            f"throughput/{prefix}img_s": self.batch_size * len(self.ms) / self.seconds,
         }
+        return {k: v for k, v in out.items() if not np.isnan(v)}
 
 
 def warm_up(session: Session, batch: np.ndarray, queries: int) -> None:
@@ -74,15 +103,55 @@ def warm_up(session: Session, batch: np.ndarray, queries: int) -> None:
         session.run(batch)
 
 
-def measure_latency(session: Session, batch: np.ndarray, iters: int) -> Latency:
-    """LoadGen-style single stream: `iters` timed back-to-back queries, each timed on its own."""
-    samples = np.empty(iters, dtype=np.float64)
-    total_start = time.perf_counter()
-    for i in range(iters):
-        t0 = time.perf_counter()
-        session.run(batch)
-        samples[i] = time.perf_counter() - t0
-    total = time.perf_counter() - total_start
-    ms = samples * 1e3
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return Latency(float(p50), float(p90), float(p99), float(ms.mean()), float(ms.std(ddof=1) if iters > 1 else 0.0), len(batch) * iters / total, ms)
+Clock = Callable[[], float]
+PhaseFactory = Callable[[str], AbstractContextManager[None]]
+
+
+def time_blocks(
+    sessions: dict[str, Session],
+    batch: np.ndarray,
+    method: LatencyMethod,
+    phase: PhaseFactory | None = None,
+    clock: Clock = time.perf_counter,
+) -> dict[str, Latency]:
+    """Time the sessions in alternating blocks (A B A B ...) on the same batch, after warming each up, until
+    every one has both `min_queries` queries and `min_duration_s` seconds in at least `blocks` blocks.
+    `phase(name)` wraps each session's warm-up (`<name>warmup`) and blocks (`<name>latency`) for the monitor."""
+    phase = phase or (lambda _name: nullcontext())
+    for name, session in sessions.items():
+        with phase(f"{name}warmup"):
+            warm_up(session, batch, method.warmup)
+    q = method.block_queries
+    ms: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    seconds = dict.fromkeys(sessions, 0.0)
+    rounds = 0
+    while rounds < method.blocks or min(seconds.values()) < method.min_duration_s:
+        for name, session in sessions.items():
+            samples = np.empty(q, dtype=np.float64)
+            with phase(f"{name}latency"):
+                start = clock()
+                for i in range(q):
+                    t0 = clock()
+                    session.run(batch)
+                    samples[i] = clock() - t0
+                seconds[name] += clock() - start
+            ms[name].append(samples * 1e3)
+        rounds += 1
+    block = np.repeat(np.arange(rounds), q)
+    return {name: Latency(np.concatenate(ms[name]), block, seconds[name], len(batch)) for name in sessions}
+
+
+def speedup_ci(reference: Latency, model: Latency, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % confidence interval of p50(reference) / p50(model) by a bootstrap that resamples whole rounds of
+    blocks (each round holds one block of each model, timed side by side), so drift between rounds widens it."""
+    rounds = np.unique(model.block)
+    ref_blocks = [reference.ms[reference.block == r] for r in rounds]
+    blocks = [model.ms[model.block == r] for r in rounds]
+
+    def ratio(idx: np.ndarray) -> float:
+        return float(np.median(np.concatenate([ref_blocks[i] for i in idx])) / np.median(np.concatenate([blocks[i] for i in idx])))
+
+    res = stats.bootstrap(
+        (np.arange(len(rounds)),), ratio, vectorized=False, n_resamples=n_resamples, method="percentile", random_state=np.random.default_rng(seed)
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)

@@ -83,8 +83,10 @@ def run(
     batch_size: Annotated[int, typer.Option(help="Batch size of the latency measurement")] = 1,
     eval_batch_size: Annotated[int, typer.Option(help="Batch size of the accuracy evaluation")] = 32,
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = every core")] = 0,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up queries")] = 20,
-    iters: Annotated[int, typer.Option(help="Timed queries")] = 200,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up queries per model")] = RunConfig.warmup,
+    min_queries: Annotated[int, typer.Option(help="Timed queries per model, at least")] = RunConfig.min_queries,
+    min_duration_s: Annotated[float, typer.Option(help="Timed seconds per model, at least")] = RunConfig.min_duration_s,
+    blocks: Annotated[int, typer.Option(help="Blocks per model, alternating with the FP32 reference, at least")] = RunConfig.blocks,
     calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile")] = QuantOptions.calib_method,
     per_channel: Annotated[str, typer.Option(help="Per-channel weight scales: true/false")] = "true",
     activation_type: Annotated[str, typer.Option(help="uint8 or int8 activations")] = QuantOptions.activation_type,
@@ -127,7 +129,7 @@ def sweep(
 ) -> None:
     """Run a grid of models x precisions x backends as child runs of one parent run; resumable.
 
-    Every other `ptq run` option (--weights, --data, --calib-size, --iters, ...) applies to all its runs.
+    Every other `ptq run` option (--weights, --data, --calib-size, --min-queries, ...) applies to all its runs.
     """
     if preset and preset not in sweeps.PRESETS:
         raise PtqError(f"unknown preset {preset!r}: use one of {', '.join(sweeps.PRESETS)}")

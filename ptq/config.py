@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ptq.backends import PRECISIONS, EngineOptions
+from ptq.bench import LatencyMethod
 from ptq.errors import PtqError
 from ptq.models import WEIGHTS
 from ptq.quantize import QuantOptions
@@ -27,8 +28,10 @@ class RunConfig:
     batch_size: int = 1
     eval_batch_size: int = 32
     threads: int = 0  # 0: every core
-    warmup: int = 20
-    iters: int = 200
+    warmup: int = LatencyMethod.warmup
+    min_queries: int = LatencyMethod.min_queries
+    min_duration_s: float = LatencyMethod.min_duration_s
+    blocks: int = LatencyMethod.blocks
     quant: QuantOptions = field(default_factory=QuantOptions)
     workspace_mb: int = EngineOptions.workspace_mb
     int8_mode: str = EngineOptions.int8_mode
@@ -54,11 +57,14 @@ class RunConfig:
             raise PtqError(f"unknown weights {self.weights!r}: use one of {', '.join(WEIGHTS)}")
         if self.data is None:
             raise PtqError("no image data given: pass data=PATH (or set PTQ_DATA) to an ImageNet-style or flat <wnid>_*.JPEG folder")
-        for name in ("batch_size", "eval_batch_size", "iters"):
+        for name in ("batch_size", "eval_batch_size", "min_queries"):
             if getattr(self, name) < 1:
                 raise PtqError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.warmup < 0:
-            raise PtqError(f"warmup={self.warmup} must be 0 or more")
+        if self.blocks < 2:
+            raise PtqError(f"blocks={self.blocks} must be at least 2: the speed-up's confidence interval resamples blocks")
+        for name in ("warmup", "min_duration_s"):
+            if getattr(self, name) < 0:
+                raise PtqError(f"{name}={getattr(self, name)} must be 0 or more")
         if self.monitor_interval <= 0:
             raise PtqError(f"monitor_interval={self.monitor_interval} must be positive (seconds)")
         self.quant.validate()
@@ -69,6 +75,10 @@ class RunConfig:
         return EngineOptions(
             self.workspace_mb, self.int8_mode, self.dla_core, self.timing_cache, self.batch_size, max(self.batch_size, self.eval_batch_size)
         )
+
+    def latency(self) -> LatencyMethod:
+        """How latency is timed: warm-up, blocks, minimum queries and duration, at the latency batch size."""
+        return LatencyMethod(self.warmup, self.min_queries, self.min_duration_s, self.blocks, self.batch_size)
 
     @property
     def threads_used(self) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ptq import bench, data, export, models, quantize, tracking
-from ptq.backends import Backend, Compressed, CompressJob, Session, get_backend
+from ptq.backends import Backend, Compressed, CompressJob, get_backend
 from ptq.config import RunConfig
 from ptq.monitor import Monitor
 from ptq.phases import Phases
@@ -106,71 +106,70 @@ def _execute(
     with phases("build"):
         session = backend.open(compressed, cfg.threads_used)
     _log_compression(phases, fp32_path, compressed)
-
-    batch = tensors.batch((eval_idx * cfg.batch_size)[: cfg.batch_size])
-    latency = _latency(session, batch, cfg, phases, monitor, "")
-    mlflow.log_metrics(latency.metrics())
-    summary = {"latency p50 (ms)": latency.p50_ms, "throughput (img/s)": latency.img_s}
-    samples = {"ms": latency.samples_ms}
-
-    labels = np.asarray([dataset.labels[i] for i in eval_idx])
-    accuracy = None
-    if cfg.weights == "pretrained" and eval_idx:
-        if monitor:
-            monitor.count_images("evaluate", len(eval_idx))
-        with phases("evaluate"):
-            accuracy = bench.evaluate(session, tensors, eval_idx, labels, cfg.eval_batch_size, progress=cfg.progress)
-        mlflow.log_metrics({"acc/top1": accuracy.top1, "acc/top5": accuracy.top5})
-    del session
-
-    reference = accuracy
-    if cfg.precision != "fp32":
+    sessions = {"": session}
+    if cfg.precision != "fp32":  # the reference runs beside the compressed model: same process, same minutes
         with phases("fp32_build"):
             ref_model = backend.compress(replace(job, precision="fp32", phases=Phases()))
-            ref_session = backend.open(ref_model, cfg.threads_used)
-        ref_latency = _latency(ref_session, batch, cfg, phases, monitor, "fp32_")
-        speedup = ref_latency.p50_ms / latency.p50_ms
-        mlflow.log_metrics({"latency/fp32_p50_ms": ref_latency.p50_ms, "throughput/fp32_img_s": ref_latency.img_s, "speedup/p50": speedup})
-        samples["fp32_ms"] = ref_latency.samples_ms
-        summary["speed-up over fp32 (p50)"] = speedup
-        if speedup < 1.0:
-            note = f"{cfg.precision} is slower than fp32 here: {speedup:.2f}x the fp32 speed at batch {cfg.batch_size}"
-            log.warning(note)
-            mlflow.set_tag("ptq.warning", note)
-        if accuracy is not None:
+            sessions["fp32_"] = backend.open(ref_model, cfg.threads_used)
+        mlflow.set_tag("numerics.fp32", ref_model.numerics)
+
+    batch = tensors.batch((eval_idx * cfg.batch_size)[: cfg.batch_size])
+    latency = bench.time_blocks(sessions, batch, cfg.latency(), phases)
+    for prefix, lat in latency.items():
+        if monitor:
+            monitor.count_images(f"{prefix}latency", len(lat.ms) * cfg.batch_size)
+        mlflow.log_metrics(lat.metrics(prefix))
+    mine = latency[""]
+    p50, _, p99 = mine.percentiles()
+    mlflow.log_metrics({"latency/queries": len(mine.ms), "latency/blocks": len(np.unique(mine.block)), "latency/seconds": mine.seconds})
+    summary = {"latency p50 (ms)": p50, "latency p99 (ms)": p99, "throughput (img/s)": mine.batch_size * len(mine.ms) / mine.seconds}
+    if "fp32_" in latency:
+        summary.update(_log_speedup(cfg, latency["fp32_"], mine))
+    _log_latency_samples(work, cfg.precision, latency)
+
+    if cfg.weights == "pretrained" and eval_idx:
+        labels = np.asarray([dataset.labels[i] for i in eval_idx])
+        accuracy = {}
+        for prefix, sess in sessions.items():
             if monitor:
-                monitor.count_images("fp32_evaluate", len(eval_idx))
-            with phases("fp32_evaluate"):
-                reference = bench.evaluate(ref_session, tensors, eval_idx, labels, cfg.eval_batch_size, "evaluate fp32", cfg.progress)
-        del ref_session
-    _log_latency_samples(work, samples)
-    if accuracy is not None and reference is not None:
+                monitor.count_images(f"{prefix}evaluate", len(eval_idx))
+            with phases(f"{prefix}evaluate"):
+                accuracy[prefix] = bench.evaluate(sess, tensors, eval_idx, labels, cfg.eval_batch_size, f"evaluate {prefix or cfg.precision}", cfg.progress)
+        acc, reference = accuracy[""], accuracy.get("fp32_", accuracy[""])
+        drop = 100 * (reference.top1 - acc.top1)
         mlflow.log_metrics(
             {
+                "acc/top1": acc.top1,
+                "acc/top5": acc.top5,
                 "acc/fp32_top1": reference.top1,
                 "acc/fp32_top5": reference.top5,
-                "acc/top1_drop_pt": 100 * (reference.top1 - accuracy.top1),
-                "acc/top5_drop_pt": 100 * (reference.top5 - accuracy.top5),
+                "acc/top1_drop_pt": drop,
+                "acc/top5_drop_pt": 100 * (reference.top5 - acc.top5),
             }
         )
-        _log_predictions(work, dataset, eval_idx, accuracy, reference)
-        summary.update({"top-1": accuracy.top1, "fp32 top-1": reference.top1, "top-1 drop (points)": 100 * (reference.top1 - accuracy.top1)})
+        _log_predictions(work, dataset, eval_idx, acc, reference)
+        summary.update({"top-1": acc.top1, "fp32 top-1": reference.top1, "top-1 drop (points)": drop})
+    del sessions, session
     _log_summary(cfg, phases, fp32_path, compressed, summary)
 
 
-def _latency(session: Session, batch: np.ndarray, cfg: RunConfig, phases: Phases, monitor: Monitor | None, prefix: str) -> bench.Latency:
-    if monitor:
-        monitor.count_images(f"{prefix}latency", cfg.iters * len(batch))
-    with phases(f"{prefix}warmup"):
-        bench.warm_up(session, batch, cfg.warmup)
-    with phases(f"{prefix}latency"):
-        return bench.measure_latency(session, batch, cfg.iters)
+def _log_speedup(cfg: RunConfig, reference: bench.Latency, model: bench.Latency) -> dict[str, float]:
+    """p50 speed-up over FP32 with its block-bootstrap 95 % interval; warns where compression made it slower."""
+    speedup = reference.percentiles()[0] / model.percentiles()[0]
+    low, high = bench.speedup_ci(reference, model)
+    mlflow.log_metrics({"speedup/p50": speedup, "speedup/p50_ci95_low": low, "speedup/p50_ci95_high": high})
+    if speedup < 1.0:
+        note = f"{cfg.precision} is slower than fp32 here: {speedup:.2f}x the fp32 speed at batch {cfg.batch_size} (95 % CI {low:.2f}-{high:.2f})"
+        log.warning(note)
+        mlflow.set_tag("ptq.warning", note)
+    return {"speed-up over fp32 (p50)": speedup, "speed-up 95 % CI low": low, "speed-up 95 % CI high": high}
 
 
 def _log_compression(phases: Phases, fp32_path: Path, compressed: Compressed) -> None:
     times = {f"compress/{p}_s": phases.seconds[p] for p in COMPRESS_PHASES if p in phases.seconds}
     times["compress/total_s"] = sum(times.values())
     size = compressed.path.stat().st_size
+    mlflow.set_tags({"numerics.model": compressed.numerics, **compressed.tags})
     mlflow.log_metrics({**times, "size/model_bytes": size, "size/ratio": fp32_path.stat().st_size / size})
     mlflow.log_artifact(str(fp32_path), "model")
     if compressed.path != fp32_path:
@@ -179,13 +178,15 @@ def _log_compression(phases: Phases, fp32_path: Path, compressed: Compressed) ->
         mlflow.log_artifact(str(extra), "model")
 
 
-def _log_latency_samples(work: Path, samples: dict[str, np.ndarray]) -> None:
-    """Every timed query, for distributions and bootstrap confidence intervals of speed-ups."""
+def _log_latency_samples(work: Path, precision: str, latency: dict[str, bench.Latency]) -> None:
+    """Every timed query with its model and block, for distributions and block-bootstrap intervals."""
     path = work / "latency.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(list(samples))
-        writer.writerows(zip(*(np.round(v, 4) for v in samples.values())))
+        writer.writerow(["precision", "block", "ms"])
+        for prefix, lat in latency.items():
+            name = "fp32" if prefix else precision
+            writer.writerows((name, int(b), f"{v:.4f}") for b, v in zip(lat.block, lat.ms))
     mlflow.log_artifact(str(path))
 
 
@@ -219,5 +220,11 @@ def _log_summary(cfg: RunConfig, phases: Phases, fp32_path: Path, compressed: Co
     ]
     lines += [f"| {phase} (s) | {secs:.2f} |" for phase, secs in phases.seconds.items()]
     lines += [f"| {k} | {v:.4g} |" for k, v in summary.items()]
-    lines += ["", f"Latency: batch {cfg.batch_size}, {cfg.threads_used} threads, {cfg.warmup} warm-up + {cfg.iters} timed queries."]
+    m = cfg.latency()
+    lines += [
+        "",
+        f"Latency: batch {m.batch_size}, {cfg.threads_used} threads, {m.warmup} warm-up queries per model, then blocks of "
+        f"{m.block_queries} queries alternating with the FP32 reference until each model had at least {m.blocks} blocks, "
+        f"{m.min_queries} queries and {m.min_duration_s:g} s.",
+    ]
     mlflow.log_text("\n".join(lines) + "\n", "summary.md")

@@ -123,8 +123,9 @@ def to_int8(
     options: QuantOptions,
     phases: Phases,
     calib_cache: Path,
-) -> Path:
+) -> str:
     """Static PTQ: ORT pre-processing, calibration (ranges saved to `calib_cache`), then QDQ quantization.
+    Returns what was quantized: the pre-processed graph, or the raw one where pre-processing failed.
 
     ONNX Runtime's calibrators keep every intermediate tensor of the images of one `collect_data` call
     (about 60 MB per image for lite0: 300 entropy images took 19 GB), so images go in chunks of
@@ -139,10 +140,12 @@ def to_int8(
     with tempfile.TemporaryDirectory(prefix="ptq-quant-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
         with phases("preprocess"):
+            graph = "pre-processed (quant_pre_process)"
             try:
                 quant_pre_process(str(src), str(pre))
             except Exception as exc:  # symbolic shape inference fails on some graphs; quantize the plain one
                 log.warning("ONNX Runtime pre-processing failed (%s); quantizing the un-preprocessed model", exc)
+                graph = f"raw graph: quant_pre_process failed ({str(exc).splitlines()[0][:150]})"
                 pre = src
         with phases("calibrate"):
             calibrator = create_calibrator(
@@ -170,4 +173,14 @@ def to_int8(
                 calibration_cache_path=calib_cache,
                 extra_options={"ActivationSymmetric": options.symmetric_activations},
             )
-    return dst
+    return graph
+
+
+def describe(options: QuantOptions) -> str:
+    """The INT8 scheme in words, for the run's numerics tag."""
+    scales = "per-channel" if options.per_channel else "per-tensor"
+    symmetry = "symmetric" if options.symmetric_activations else "asymmetric"
+    return (
+        f"int8 {options.quant_format.upper()}: {options.weight_type} {scales} weights, "
+        f"{options.activation_type} {symmetry} activations, {options.calib_method} calibration"
+    )

@@ -22,7 +22,7 @@ HAS_TENSORRT = trt_backend.trt is not None and hasattr(trt_backend.trt, "Builder
 
 def test_torch_backend_fp32_run(small_dir: Path) -> None:
     run_id = pipeline.run(
-        RunConfig(model="lite0", backend="torch", precision="fp32", data=small_dir, calib_size=10, eval_size=64, iters=10, warmup=2, monitor=False, progress=False)
+        RunConfig(model="lite0", backend="torch", precision="fp32", data=small_dir, calib_size=10, eval_size=64, min_queries=10, min_duration_s=0, blocks=2, warmup=2, monitor=False, progress=False)
     )
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -118,7 +118,7 @@ def test_phase_carving_keeps_totals() -> None:
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_end_to_end(small_dir: Path, precision: str) -> None:
     run_id = pipeline.run(
-        RunConfig(model="lite0", backend="tensorrt", precision=precision, data=small_dir, calib_size=64, eval_size=128, iters=50, progress=False)
+        RunConfig(model="lite0", backend="tensorrt", precision=precision, data=small_dir, calib_size=64, eval_size=128, min_queries=50, min_duration_s=0, progress=False)
     )
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["compress/build_s"] > 0
@@ -131,3 +131,19 @@ def test_tensorrt_end_to_end(small_dir: Path, precision: str) -> None:
 
 def test_backend_registry() -> None:
     assert get_backend("ort").name == "ort" and get_backend("torch").name == "torch" and get_backend("tensorrt").name == "tensorrt"
+
+
+def test_numerics_say_what_each_backend_really_computes() -> None:
+    from ptq.backends import tensorrt
+    from ptq.backends.torch import TorchBackend
+    from ptq.quantize import QuantOptions, describe
+
+    assert tensorrt.numerics("fp32", "", -1) == "fp32 (TF32 off)"
+    assert tensorrt.numerics("int8", "explicit", -1) == "int8 with fp16 fallback (explicit quantization, TF32 off)"
+    assert tensorrt.numerics("fp16", "", 1) == "fp16 with fp32 fallback (TF32 off) on DLA core 1 with GPU fallback"
+    torch_backend = TorchBackend()
+    torch_backend.dev = __import__("torch").device("cuda:0")  # the label only; nothing runs on it
+    assert torch_backend.numerics("fp32") == "fp32 (TF32 off)" and torch_backend.numerics("fp16") == "fp16"
+    assert describe(QuantOptions(per_channel=False, calib_method="entropy", activation_type="int8", symmetric_activations=True)) == (
+        "int8 QDQ: int8 per-tensor weights, int8 symmetric activations, entropy calibration"
+    )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
+import pytest
 
 from ptq import bench
 from ptq.backends import Session
@@ -35,11 +38,71 @@ def test_top5_matches_a_full_sort_and_scores_top1_top5() -> None:
     assert acc.top1 == 0.5 and acc.top5 == 1.0
 
 
-def test_latency_percentiles_and_throughput() -> None:
-    class Zeros(Session):
-        def run(self, batch: np.ndarray) -> np.ndarray:
-            return np.zeros((len(batch), 1000), np.float32)
+class FakeClock:
+    """A clock that only moves when a fake session runs."""
 
-    lat = bench.measure_latency(Zeros(), np.zeros((4, 3, 2, 2), np.float32), 50)
-    assert len(lat.samples_ms) == 50 and lat.p50_ms <= lat.p90_ms <= lat.p99_ms
-    assert lat.img_s > 0 and set(lat.metrics()) >= {"latency/p50_ms", "latency/p99_ms", "throughput/img_s"}
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Timed(Session):
+    """Takes `ms` (a number, or a function of how many queries it ran) of fake time per query; logs each call."""
+
+    def __init__(self, name: str, clock: FakeClock, ms: object, calls: list[str]) -> None:
+        self.name, self.clock, self.ms, self.calls, self.n = name, clock, ms, calls, 0
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        ms = self.ms(self.n) if callable(self.ms) else self.ms
+        self.clock.now += ms / 1e3
+        self.calls.append(self.name)
+        self.n += 1
+        return np.zeros((len(batch), 1000), np.float32)
+
+
+def test_blocks_alternate_after_warm_up_and_stop_at_count_and_duration() -> None:
+    clock, calls = FakeClock(), []
+    # warm-up queries are slow (1000 ms): if they leaked into the statistics, p99 would show it
+    a = Timed("a", clock, lambda n: 1000.0 if n < 2 else 2.0, calls)
+    b = Timed("b", clock, lambda n: 1000.0 if n < 2 else 5.0, calls)
+    method = bench.LatencyMethod(warmup=2, min_queries=12, min_duration_s=0.05, blocks=3, batch_size=4)
+    assert method.block_queries == 4
+    lat = bench.time_blocks({"": a, "fp32_": b}, np.zeros((4, 3, 2, 2), np.float32), method, clock=clock)
+    # warm-up a a, b b; then blocks of 4 alternating: a needs 0.05 s / 8 ms per block = 7 rounds (count alone: 3)
+    assert calls[:4] == ["a", "a", "b", "b"]
+    assert calls[4:] == (["a"] * 4 + ["b"] * 4) * 7
+    mine, ref = lat[""], lat["fp32_"]
+    assert len(mine.ms) == len(ref.ms) == 28 and list(mine.block) == [r for r in range(7) for _ in range(4)]
+    np.testing.assert_allclose(mine.ms, 2.0)
+    np.testing.assert_allclose(ref.ms, 5.0)
+    assert mine.seconds == pytest.approx(0.056) and ref.seconds == pytest.approx(0.14)
+    m = mine.metrics()
+    assert m["latency/p99_ms"] == pytest.approx(2.0) and m["throughput/img_s"] == pytest.approx(4 * 28 / 0.056)
+    assert ref.metrics("fp32_")["latency/fp32_p50_ms"] == pytest.approx(5.0)
+
+
+def test_phases_wrap_each_models_warm_up_and_blocks() -> None:
+    clock, calls, seen = FakeClock(), [], []
+
+    @contextmanager
+    def phase(name: str):  # type: ignore[no-untyped-def]
+        seen.append(name)
+        yield
+
+    sessions = {"": Timed("a", clock, 1.0, calls), "fp32_": Timed("b", clock, 1.0, calls)}
+    bench.time_blocks(sessions, np.zeros((1, 3, 2, 2), np.float32), bench.LatencyMethod(1, 2, 0.0, 2), phase, clock)
+    assert seen == ["warmup", "fp32_warmup", "latency", "fp32_latency", "latency", "fp32_latency"]
+
+
+def test_speedup_interval_resamples_rounds_and_sees_drift() -> None:
+    block = np.repeat(np.arange(10), 50)
+    reference = bench.Latency(np.full(500, 10.0), block, 5.0, 1)
+    steady = bench.Latency(np.full(500, 5.0), block, 2.5, 1)
+    assert bench.speedup_ci(reference, steady) == pytest.approx((2.0, 2.0))
+    # the compressed model drifts between rounds (4 ms, 6 ms, ...): the interval spans what single rounds show
+    drifting = bench.Latency(np.where(block % 2 == 0, 4.0, 6.0), block, 2.5, 1)
+    low, high = bench.speedup_ci(reference, drifting)
+    assert low == pytest.approx(10 / 6) and high == pytest.approx(10 / 4)
+    assert drifting.block_p50_spread_pct() == pytest.approx(100 * np.std([4.0, 6.0] * 5, ddof=1) / 5.0)

@@ -22,7 +22,7 @@ from ptq.errors import PtqError
 
 BIN = Path(sys.executable).parent
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if Path("/usr/lib/postgresql").is_dir() else None
-RUN = ["--model", "mob-s", "--weights", "random", "--calib-size", "8", "--eval-size", "8", "--iters", "5", "--warmup", "1", "--progress", "false"]
+RUN = ["--model", "mob-s", "--weights", "random", "--calib-size", "8", "--eval-size", "8", "--min-queries", "4", "--min-duration-s", "0", "--blocks", "2", "--warmup", "1", "--progress", "false"]
 
 
 def free_port() -> int:

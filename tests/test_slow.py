@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_d201_random_int8_profile(sample_dir: Path) -> None:
     """DenseNet-201 compresses long enough to show its resource profile second by second."""
-    run_id = pipeline.run(RunConfig(model="d201", weights="random", precision="int8", data=sample_dir, iters=50, warmup=5, progress=False))
+    run_id = pipeline.run(RunConfig(model="d201", weights="random", precision="int8", data=sample_dir, min_queries=100, min_duration_s=1, warmup=5, progress=False))
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["size/ratio"] > 3
     assert run.data.metrics["phase/calibrate/seconds"] > 5
@@ -27,6 +27,6 @@ def test_d201_random_int8_profile(sample_dir: Path) -> None:
 
 @pytest.mark.parametrize("model", ["lite1", "lite2"])
 def test_larger_lite_models_int8_keep_accuracy(sample_dir: Path, model: str) -> None:
-    run_id = pipeline.run(RunConfig(model=model, precision="int8", data=sample_dir, iters=50, warmup=5, progress=False))
+    run_id = pipeline.run(RunConfig(model=model, precision="int8", data=sample_dir, min_queries=100, min_duration_s=1, warmup=5, progress=False))
     metrics = mlflow.get_run(run_id).data.metrics
     assert metrics["acc/fp32_top1"] > 0.8 and abs(metrics["acc/top1_drop_pt"]) < 2.0

@@ -67,6 +67,8 @@ class Compressed:
     path: Path
     artifacts: list[Path] = field(default_factory=list)
     handle: object | None = None  # an in-memory model a backend may hand from compress() to open()
+    numerics: str = ""  # what the model really computes in ("fp32 (TF32 off)", "int8 with fp16 fallback"...)
+    tags: dict[str, str] = field(default_factory=dict)  # further facts about how it was made, logged as run tags
 
 
 class Session(ABC):

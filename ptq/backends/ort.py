@@ -34,14 +34,14 @@ class OrtBackend(Backend):
 
     def compress(self, job: CompressJob) -> Compressed:
         if job.precision == "fp32":
-            return Compressed(job.fp32_onnx)
+            return Compressed(job.fp32_onnx, numerics="fp32")
         out = job.workdir / f"model_{job.precision}.onnx"
         if job.precision == "fp16":
             with job.phases("convert"):
-                return Compressed(quantize.to_fp16(job.fp32_onnx, out))
+                return Compressed(quantize.to_fp16(job.fp32_onnx, out), numerics="fp16 weights and arithmetic, fp32 inputs and outputs")
         cache = job.workdir / "calibration_ranges.json"
-        quantize.to_int8(job.fp32_onnx, out, job.calib_batches(job.quant.calib_batch), job.quant, job.phases, cache)
-        return Compressed(out, artifacts=[cache])
+        graph = quantize.to_int8(job.fp32_onnx, out, job.calib_batches(job.quant.calib_batch), job.quant, job.phases, cache)
+        return Compressed(out, artifacts=[cache], numerics=quantize.describe(job.quant), tags={"numerics.int8_graph": graph})
 
     def open(self, model: Compressed, threads: int) -> Session:
         return open_session(str(model.path), threads)

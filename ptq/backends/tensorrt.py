@@ -90,6 +90,17 @@ def check_capabilities(precision: str, options: EngineOptions, caps: Capabilitie
         raise PtqError(f"dla_core={options.dla_core} but this device has {caps.dla_cores} DLA cores: use -1 for the GPU")
 
 
+def numerics(precision: str, int8_mode: str, dla_core: int) -> str:
+    """What an engine really computes in: TF32 is cleared for every build (on by default from Ampere, so on
+    Orin), fp16 and int8 engines let TensorRT keep fp32 layers, and int8 engines also allow fp16 layers."""
+    text = {
+        "fp32": "fp32 (TF32 off)",
+        "fp16": "fp16 with fp32 fallback (TF32 off)",
+        "int8": f"int8 with fp16 fallback ({int8_mode} quantization, TF32 off)",
+    }[precision]
+    return text + (f" on DLA core {dla_core} with GPU fallback" if dla_core >= 0 else "")
+
+
 class CalibrationFeed:
     """Re-chunks calibration batches to the fixed batch size a TensorRT calibrator must report, and keeps
     the calibration cache file, so a later build of the same model reuses the scales without recalibrating."""
@@ -328,7 +339,10 @@ class TensorRTBackend(Backend):
             if feed.dropped:
                 log.warning("TensorRT calibration used %d images; %d did not fill a batch of %d", feed.fed, feed.dropped, feed.batch_size)
         artifacts.append(engine_path.with_suffix(".json"))
-        return Compressed(engine_path, artifacts, handle=(source, job.precision, job.engine, job.workdir))
+        mode = resolve_int8_mode(job.engine.int8_mode, str(trt.__version__)) if job.precision == "int8" else ""
+        return Compressed(
+            engine_path, artifacts, handle=(source, job.precision, job.engine, job.workdir), numerics=numerics(job.precision, mode, job.engine.dla_core)
+        )
 
     def build(self, onnx_path: Path, precision: str, options: EngineOptions, workdir: Path, feed: CalibrationFeed | None, calib_method: str) -> Path:
         """Parse the ONNX file and serialize an engine (plus its metadata JSON) into `workdir`."""
@@ -347,6 +361,7 @@ class TensorRTBackend(Backend):
         profile = builder.create_optimization_profile()
         profile.set_shape(inp.name, trt.Dims([1, *sample]), trt.Dims([options.opt_batch, *sample]), trt.Dims([options.max_batch, *sample]))
         config.add_optimization_profile(profile)
+        config.clear_flag(trt.BuilderFlag.TF32)  # see numerics()
         if precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)  # int8 engines fall back to fp16 where a layer has no int8 kernel
         if precision == "int8":

@@ -44,7 +44,11 @@ class TorchBackend(Backend):
                 module = module.half()
             path = job.workdir / f"model_{job.precision}.pt"
             torch.save(module.state_dict(), path)
-        return Compressed(path, handle=module)
+        return Compressed(path, handle=module, numerics=self.numerics(job.precision))
+
+    def numerics(self, precision: str) -> str:
+        """On CUDA, float32 matmuls and convolutions may run in TF32 (PyTorch's default for cuDNN); ptq turns it off."""
+        return f"{precision} (TF32 off)" if self.dev.type == "cuda" and precision == "fp32" else precision
 
     def open(self, model: Compressed, threads: int) -> Session:
         if not isinstance(model.handle, torch.nn.Module):
@@ -53,6 +57,8 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         else:
             torch.backends.cudnn.benchmark = True  # let cuDNN pick kernels during warm-up, as TensorRT does at build
+            torch.backends.cuda.matmul.allow_tf32 = False  # "fp32" means fp32, not TF32 (see numerics)
+            torch.backends.cudnn.allow_tf32 = False
         module = model.handle.to(self.dev)
         dtype = next(module.parameters()).dtype
         return TorchSession(module, self.dev, dtype)
