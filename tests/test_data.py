@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,32 @@ def test_cache_second_load_decodes_nothing(small_dir: Path, monkeypatch: pytest.
     batch = second.batch([0, 1])
     assert batch.shape == (2, 3, 224, 224) and batch.dtype == np.float32
     assert -1.0 <= batch.min() and batch.max() <= 1.0
+
+
+def test_cache_keeps_interpolations_and_old_decodes_apart(sample_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PTQ_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in sorted(sample_dir.iterdir())[:4]:
+        (folder / f.name).symlink_to(f)
+    ds = data.scan(folder)
+    bilinear = Transform(232, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    bicubic = replace(bilinear, interpolation="bicubic")
+    assert bilinear.key() != bicubic.key()
+    old = tmp_path / "cache" / "tensors" / f"{ds.content_hash}-232-224"  # where the pre-torchvision-parity decode cached
+    old.parent.mkdir(parents=True)
+    np.save(old.with_suffix(".npy"), np.zeros((4, 3, 224, 224), np.uint8))
+    old.with_suffix(".json").write_text(json.dumps({"ok": [True] * 4}))
+    first = data.load_tensors(ds, bilinear, progress=False)
+    assert not first.from_cache and first.pixels.any()
+    second = data.load_tensors(ds, bicubic, progress=False)
+    assert not second.from_cache and not np.array_equal(first.pixels, second.pixels)
+    assert data.load_tensors(ds, bicubic, progress=False).from_cache
+
+
+def test_unknown_interpolation_is_refused() -> None:
+    with pytest.raises(PtqError, match="interpolation"):
+        Transform(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "trilinear")
 
 
 def test_unreadable_image_is_skipped_with_warning(sample_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
