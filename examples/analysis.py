@@ -16,12 +16,12 @@ out = sys.argv[2] if len(sys.argv) > 2 else "speedup_vs_drop.png"
 
 runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED' and params.precision = 'int8'")
 runs = runs.dropna(subset=["metrics.speedup/p50"])
-cols = ["tags.device.host", "params.model", "params.weights", "metrics.speedup/p50", "metrics.acc/top1_drop_pt", "metrics.latency/p50_ms"]
+cols = ["tags.device.name", "params.model", "params.weights", "metrics.speedup/p50", "metrics.acc/top1_drop_pt", "metrics.latency/p50_ms"]
 table = runs.reindex(columns=cols).rename(columns=lambda c: c.split(".", 1)[1])
 print(table.to_string(index=False))
 
 fig, ax = plt.subplots(figsize=(6, 4))
-for device, group in table.groupby("device.host"):
+for device, group in table.groupby("device.name"):
     ax.scatter(group["speedup/p50"], group["acc/top1_drop_pt"].fillna(0), label=device)
     for _, row in group.iterrows():
         ax.annotate(row["model"], (row["speedup/p50"], 0 if row["acc/top1_drop_pt"] != row["acc/top1_drop_pt"] else row["acc/top1_drop_pt"]), fontsize=8)

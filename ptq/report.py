@@ -20,13 +20,17 @@ log = logging.getLogger(__name__)
 KEYS = ["device", "model", "weights", "precision", "backend"]
 # tidy column -> MLflow column; a run without one of these (older, failed) just has a gap there
 COLUMNS = {
-    "device": "tags.device.host",
+    "device": "tags.device.name",
+    "host": "tags.device.host",
+    "machine_id": "tags.device.machine_id",
+    "cpu": "tags.device.cpu",
+    "cpu_isa": "tags.device.cpu_isa",
     "gpu": "tags.device.gpu",
     "model": "params.model",
     "weights": "params.weights",
     "precision": "params.precision",
     "backend": "params.backend",
-    "calib_method": "params.calib_method",
+    "numerics": "tags.numerics.model",
     "size_mb": "metrics.size/model_bytes",
     "size_ratio": "metrics.size/ratio",
     "export_s": "metrics.compress/export_s",
@@ -42,20 +46,55 @@ COLUMNS = {
     "latency_gpu_util_pct": "metrics.phase/latency/gpu_util_pct_mean",
     "p50_ms": "metrics.latency/p50_ms",
     "p99_ms": "metrics.latency/p99_ms",
+    "block_spread_pct": "metrics.latency/block_p50_spread_pct",
+    "fp32_block_spread_pct": "metrics.latency/fp32_block_p50_spread_pct",
     "img_s": "metrics.throughput/img_s",
     "speedup": "metrics.speedup/p50",
+    "speedup_ci_low": "metrics.speedup/p50_ci95_low",
+    "speedup_ci_high": "metrics.speedup/p50_ci95_high",
     "top1": "metrics.acc/top1",
     "fp32_top1": "metrics.acc/fp32_top1",
     "drop_pt": "metrics.acc/top1_drop_pt",
     "energy_per_img_j": "metrics.phase/latency/energy_per_img_j",
 }
+# Params that are not the configuration measured, so they never split rows: where the data lives (`data_hash` is
+# its identity, `data_images` follows from it), where the run is filed, cached or drawn (experiment, timing_cache,
+# progress), what else is recorded (monitor), and how precisely latency is timed (warmup, min_queries,
+# min_duration_s, blocks, the older iters): those change the width of the speed-up's interval, which each row
+# reports, not what it estimates, so a re-measurement replaces the row. `threads` yields to `threads_used`,
+# the count it meant on that device (0 = every core).
+NOT_CONFIGURATION = {
+    "data", "data_images", "experiment", "timing_cache", "progress", "monitor", "monitor_interval",
+    "warmup", "min_queries", "min_duration_s", "blocks", "iters", "threads",
+}  # fmt: skip
+CALIBRATION = "calib_method"
+_INT8 = {"precision": {"int8"}}
+# Params that shape only some runs, blanked elsewhere so that they neither split nor label rows they do not affect
+# (a fp32 run logs a calib_method too). calib_size and split_seed stay keys everywhere: they also decide which
+# images evaluate (and split_seed the random weights).
+ONLY_WHERE: dict[str, dict[str, set[str]]] = {
+    CALIBRATION: _INT8,
+    "per_channel": _INT8,
+    "activation_type": _INT8,
+    "weight_type": _INT8,
+    "quant_format": _INT8,
+    "symmetric_activations": _INT8,
+    "calib_batch": _INT8,
+    "percentile": {**_INT8, CALIBRATION: {"percentile"}},
+    "calib_bins": {**_INT8, CALIBRATION: {"entropy", "percentile"}},
+    "int8_mode": {**_INT8, "backend": {"tensorrt"}},
+    "workspace_mb": {"backend": {"tensorrt"}},
+    "dla_core": {"backend": {"tensorrt"}},
+    "eval_size": {"weights": {"pretrained"}},  # random weights evaluate nothing
+}
 
 
 def load_runs(experiments: list[str], device: str = "", model: str = "", precision: str = "") -> pd.DataFrame:
-    """Finished runs of the experiments (sweep parents excluded), newest first, filtered by device/model/precision."""
+    """Finished runs of the experiments (sweep parents excluded), newest first, filtered by model, precision and
+    device (its name or host name)."""
     tracking.check_reachable()
     clauses = ["attributes.status = 'FINISHED'"]
-    for column, value in (("tags.`device.host`", device), ("params.model", model), ("params.precision", precision)):
+    for column, value in (("params.model", model), ("params.precision", precision)):
         if value:
             clauses.append(f"{column} = '{value}'")
     missing = [e for e in experiments if mlflow.get_experiment_by_name(e) is None]
@@ -64,20 +103,66 @@ def load_runs(experiments: list[str], device: str = "", model: str = "", precisi
     runs = mlflow.search_runs(experiment_names=experiments, filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"])
     if isinstance(runs, list):  # search_runs returns a DataFrame unless asked otherwise
         runs = pd.DataFrame()
-    runs = runs[runs.get("params.model", pd.Series(dtype=object)).notna()] if len(runs) else runs
+    if len(runs):
+        keep = runs.get("params.model", pd.Series(dtype=object)).notna()
+        if device:  # MLflow's filter has no OR: the name reports use, or the host name of older runs and scripts
+            keep &= (runs.get("tags.device.name", pd.Series(dtype=object)) == device) | (runs.get("tags.device.host", pd.Series(dtype=object)) == device)
+        runs = runs[keep]
     if runs.empty:
         what = ", ".join(f"{k}={v}" for k, v in (("device", device), ("model", model), ("precision", precision)) if v) or "no filter"
         raise PtqError(f"no finished runs in {', '.join(experiments)} match ({what}): run `ptq run` or `ptq sweep` first, or loosen the filter")
     return runs
 
 
+def configuration(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each run's configuration params beyond the fixed keys: ptq's reading where `mlflow run` logged the user's
+    spelling beside it (`resolved.*`), blanked where they mean nothing for that run."""
+    names = [c.removeprefix("params.") for c in runs.columns if c.startswith("params.") and not c.startswith("params.resolved.")]
+    names = [n for n in names if n not in NOT_CONFIGURATION and n not in KEYS]
+    frame = pd.DataFrame(index=runs.index)
+    for name in names:
+        frame[name] = runs[f"params.{name}"]
+        if f"params.resolved.{name}" in runs:
+            frame[name] = runs[f"params.resolved.{name}"].fillna(frame[name])
+    for name, where in ONLY_WHERE.items():
+        if name in frame:
+            applies = pd.Series(True, index=runs.index)
+            for param, values in where.items():
+                value = frame[param] if param in frame else runs.get(f"params.{param}", pd.Series(np.nan, index=runs.index))
+                applies &= value.isin(values)
+            frame[name] = frame[name].where(applies)
+    return frame
+
+
+def _natural(column: pd.Series) -> pd.Series:
+    """Sort numbers as numbers (batch 2 before 16) where a column holds nothing else."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    return numbers if numbers.notna().sum() == column.notna().sum() else column
+
+
 def tidy(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per device x model x weights x precision x backend (the newest run), study columns, gaps as NaN."""
-    out = pd.DataFrame({name: runs[col] if col in runs else np.nan for name, col in COLUMNS.items()})
+    """One row per distinct configuration (the newest run): device x model x weights x precision x backend, the
+    calibration method and every other configuration param whose value varies among `runs`; study columns, gaps as NaN."""
+    out = pd.DataFrame({name: runs[col] if col in runs else np.nan for name, col in COLUMNS.items()}, index=runs.index)
+    if "tags.device.host" in runs:  # runs from before device.name: their host name named the device
+        out["device"] = out["device"].fillna(runs["tags.device.host"])
+    config = configuration(runs)
+    if CALIBRATION not in config:  # always a column, the study's first question about an int8 row; older runs lack it
+        config[CALIBRATION] = np.nan
+    varying = [CALIBRATION] + sorted(c for c in config if c != CALIBRATION and config[c].nunique() > 1)
+    at = out.columns.get_loc("backend") + 1
+    for i, name in enumerate(varying):
+        out.insert(at + i, name, config[name])
     out["run_id"] = runs["run_id"].values
     out["size_mb"] = out["size_mb"] / 1e6
     out["drop_pt"] = out["drop_pt"].where(out["weights"] == "pretrained")  # never report accuracy of random weights
-    return out.drop_duplicates(KEYS).sort_values(KEYS).reset_index(drop=True)
+    keys = KEYS + varying
+    return out.drop_duplicates(keys).sort_values(keys, key=_natural).reset_index(drop=True)
+
+
+def config_columns(table: pd.DataFrame) -> list[str]:
+    """The tidy table's configuration columns beyond the fixed keys, calibration first."""
+    return [c for c in table.columns if c not in COLUMNS and c not in ("run_id", "mcnemar_p")]
 
 
 def mcnemar(predictions: pd.DataFrame) -> float:
@@ -85,16 +170,6 @@ def mcnemar(predictions: pd.DataFrame) -> float:
     b = int(((predictions["fp32_correct"] == 1) & (predictions["correct"] == 0)).sum())
     c = int(((predictions["fp32_correct"] == 0) & (predictions["correct"] == 1)).sum())
     return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
-
-
-def speedup_ci(fp32_ms: np.ndarray, ms: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95 % bootstrap confidence interval of the p50 speed-up (median FP32 latency / median latency)."""
-
-    def ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.median(a, axis=axis) / np.median(b, axis=axis)
-
-    res = stats.bootstrap((fp32_ms, ms), ratio, n_resamples=2000, method="percentile", random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def _artifact_csv(run_id: str, path: str, folder: Path) -> pd.DataFrame | None:
@@ -118,19 +193,23 @@ class Report:
 
 
 def add_statistics(table: pd.DataFrame, work: Path) -> pd.DataFrame:
-    """McNemar p-values beside each accuracy drop and bootstrap CIs beside each speed-up, from run artifacts."""
+    """McNemar p-values beside each accuracy drop, from the run's per-image predictions (the speed-up's interval
+    is the run's own, bootstrapped over its alternating blocks)."""
     table = table.copy()
     table["mcnemar_p"] = np.nan
-    table["speedup_ci_low"] = np.nan
-    table["speedup_ci_high"] = np.nan
     for i, row in table.iterrows():
-        preds = _artifact_csv(row.run_id, "predictions.csv", work) if row.weights == "pretrained" else None
-        if preds is not None and row.precision != "fp32":
+        preds = _artifact_csv(row.run_id, "predictions.csv", work) if row.weights == "pretrained" and row.precision != "fp32" else None
+        if preds is not None:
             table.loc[i, "mcnemar_p"] = mcnemar(preds)
-        lat = _artifact_csv(row.run_id, "latency.csv", work)
-        if lat is not None and "fp32_ms" in lat:
-            table.loc[i, ["speedup_ci_low", "speedup_ci_high"]] = speedup_ci(lat["fp32_ms"].to_numpy(), lat["ms"].to_numpy())
     return table
+
+
+def labels(table: pd.DataFrame, device: bool = True) -> pd.Series:
+    """Row names for plots: model, precision, the configuration values that set the row apart, and the device."""
+    config = table[config_columns(table)].astype(object).where(table[config_columns(table)].notna(), None)
+    extra = config.apply(lambda r: " ".join(f"{v}" if k == CALIBRATION else f"{k}={v}" for k, v in r.items() if v is not None), axis=1)
+    text = table["model"] + " " + table["precision"] + (" " + extra).where(extra != "", "")
+    return text + (" @" + table["device"].fillna("—") if device else "")
 
 
 def _plots(table: pd.DataFrame, work: Path, folder: Path) -> list[Path]:
@@ -139,15 +218,16 @@ def _plots(table: pd.DataFrame, work: Path, folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    label = table["model"] + " " + table["precision"] + " @" + table["device"]
+    label = labels(table)
+    short = labels(table, device=table["device"].nunique() > 1)
 
     fig, ax = plt.subplots(figsize=(7, 5))
     acc = table.dropna(subset=["drop_pt", "speedup"])
     for precision, group in acc.groupby("precision"):  # horizontal bars: the speed-up's 95 % bootstrap interval
         err = np.abs(group[["speedup_ci_low", "speedup_ci_high"]].to_numpy().T - group["speedup"].to_numpy())
         ax.errorbar(group["speedup"], group["drop_pt"], xerr=np.nan_to_num(err), fmt="o", capsize=3, label=precision)
-    for _, r in acc.iterrows():
-        ax.annotate(f"{r.model} @{r.device}" if table["device"].nunique() > 1 else r.model, (r.speedup, r.drop_pt), fontsize=7)
+    for i, r in acc.iterrows():
+        ax.annotate(short[i], (r.speedup, r.drop_pt), fontsize=7)
     if len(acc):
         ax.legend(fontsize=8)
     ax.axhline(0, color="grey", lw=0.5)
@@ -157,8 +237,8 @@ def _plots(table: pd.DataFrame, work: Path, folder: Path) -> list[Path]:
     fig2, ax2 = plt.subplots(figsize=(7, 5))
     sized = table.dropna(subset=["size_mb", "top1"])
     ax2.scatter(sized["size_mb"], 100 * sized["top1"])
-    for _, r in sized.iterrows():
-        ax2.annotate(f"{r.model} {r.precision}", (r.size_mb, 100 * r.top1), fontsize=7)
+    for i, r in sized.iterrows():
+        ax2.annotate(short[i], (r.size_mb, 100 * r.top1), fontsize=7)
     ax2.set(xlabel="model size (MB)", ylabel="top-1 (%)", title="Size vs accuracy")
 
     fig3, ax3 = plt.subplots(figsize=(9, 5))
@@ -170,8 +250,8 @@ def _plots(table: pd.DataFrame, work: Path, folder: Path) -> list[Path]:
     dists, names = [], []
     for i, r in table.iterrows():
         lat = _artifact_csv(r.run_id, "latency.csv", work)
-        if lat is not None:
-            dists.append(lat["ms"].to_numpy())
+        if lat is not None and "precision" in lat:  # the run's own model, not its FP32 reference
+            dists.append(lat.loc[lat["precision"] == r.precision, "ms"].to_numpy())
             names.append(label[i])
     if dists:
         ax4.boxplot(dists, vert=False, tick_labels=names, showfliers=False)
@@ -179,12 +259,13 @@ def _plots(table: pd.DataFrame, work: Path, folder: Path) -> list[Path]:
 
     fig5, ax5 = plt.subplots(figsize=(9, 5))
     first_model = table["model"].iloc[0]
-    for _, r in table[table["model"] == first_model].iterrows():
+    for i, r in table[table["model"] == first_model].iterrows():
         tl = _artifact_csv(r.run_id, "monitor/timeline.csv", work)
         if tl is not None and "proc/rss_mb" in tl:
-            ax5.plot(tl["t_s"], tl["proc/rss_mb"], label=f"{r.precision} @{r.device}")
+            ax5.plot(tl["t_s"], tl["proc/rss_mb"], label=label[i])
     ax5.set(xlabel="seconds since run start", ylabel="process RSS (MB)", title=f"Memory over a run of {first_model}, by device and precision")
-    ax5.legend(fontsize=7)
+    if ax5.lines:  # monitor off everywhere: no timelines
+        ax5.legend(fontsize=7)
 
     for f, name in ((fig, "drop_vs_speedup"), (fig2, "size_vs_accuracy"), (fig3, "compression_time"), (fig4, "latency_distributions"), (fig5, "resource_timelines")):
         f.tight_layout()
@@ -200,27 +281,36 @@ def _fmt(v: object, digits: int = 2) -> str:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """A summary an analyst can paste into a paper."""
+    """A summary an analyst can paste into a paper: one row per configuration, then the devices it ran on."""
+    config = config_columns(table)
+    names = ["calibration" if c == CALIBRATION else c for c in config]
     lines = [
         "# ptq report",
         "",
-        f"{len(table)} configurations from {table['device'].nunique()} device(s). Drops are FP32 minus compressed top-1 on the same "
-        "images (McNemar's exact test on the paired predictions); speed-ups are p50 FP32 / p50 compressed from the same run "
-        "(95 % bootstrap interval). '—' marks a figure the run did not measure (random weights, monitor off, older runs).",
+        f"{len(table)} configurations from {table['device'].nunique()} device(s): one row per device, model, precision, backend "
+        "and every run parameter that differs among the runs (the newest run of each). Drops are FP32 minus compressed top-1 "
+        "on the same images (McNemar's exact test on the paired predictions); speed-ups are p50 FP32 / p50 compressed, timed "
+        "in alternating blocks in the same run (95 % block-bootstrap interval). '—' marks a figure the run did not measure "
+        "(random weights, monitor off, older runs) or a parameter that does not apply (calibration for fp32/fp16).",
         "",
-        "| device | model | precision | backend | size MB (ratio) | compress s | p50 ms | p99 ms | speed-up [95 % CI] | top-1 % | drop pt (p) | calib CPU % / peak MB | inference CPU % / peak MB | J/img |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| device | model | precision | backend | " + "".join(f"{n} | " for n in names) + "size MB (ratio) | compress s | p50 ms | p99 ms "
+        "| speed-up [95 % CI] | top-1 % | drop pt (p) | calib CPU % / peak MB | inference CPU % / peak MB | J/img |",
+        "|---|---|---|---|" + "---|" * len(config) + "---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in table.iterrows():
         ci = f" [{_fmt(r.speedup_ci_low)}, {_fmt(r.speedup_ci_high)}]" if not np.isnan(r.speedup_ci_low) else ""
         p = f" (p={r.mcnemar_p:.2g})" if not np.isnan(r.mcnemar_p) else ""
+        values = "".join(f"{'—' if pd.isna(r[c]) else r[c]} | " for c in config)
         lines.append(
-            f"| {r.device} | {r.model}{'' if r.weights == 'pretrained' else ' (random)'} | {r.precision} | {r.backend} "
-            f"| {_fmt(r.size_mb)} ({_fmt(r.size_ratio, 1)}x) | {_fmt(r.compress_s)} | {_fmt(r.p50_ms)} | {_fmt(r.p99_ms)} "
+            f"| {_fmt(r.device)} | {r.model}{'' if r.weights == 'pretrained' else ' (random)'} | {r.precision} | {r.backend} | {values}"
+            f"{_fmt(r.size_mb)} ({_fmt(r.size_ratio, 1)}x) | {_fmt(r.compress_s)} | {_fmt(r.p50_ms)} | {_fmt(r.p99_ms)} "
             f"| {_fmt(r.speedup)}{ci} | {_fmt(100 * r.top1, 1)} | {_fmt(r.drop_pt)}{p} "
             f"| {_fmt(r.calib_cpu_pct, 0)} / {_fmt(r.calib_rss_mb_peak, 0)} | {_fmt(r.latency_cpu_pct, 0)} / {_fmt(r.latency_rss_mb_peak, 0)} "
             f"| {_fmt(r.energy_per_img_j, 3)} |"
         )
+    lines += ["", "| device | host | machine id | CPU | CPU ISA (INT8) | GPU |", "|---|---|---|---|---|---|"]
+    for _, d in table.dropna(subset=["device"]).drop_duplicates("device").iterrows():
+        lines.append(f"| {d.device} | {_fmt(d.host)} | {_fmt(d.machine_id)} | {_fmt(d.cpu)} | {_fmt(d.cpu_isa)} | {_fmt(d.gpu)} |")
     lines += ["", "Plots: drop_vs_speedup.png, size_vs_accuracy.png, compression_time.png, latency_distributions.png, resource_timelines.png."]
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,6 @@
 """Grids of runs (models x precisions x backends [x calibration methods]) as child runs of one parent,
-resumable: a combination that already FINISHED on this device with the same parameters is skipped."""
+resumable: a combination that already FINISHED on this machine, with the same parameters, data, ptq commit
+and library versions, is skipped."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, replace
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from ptq import pipeline, tracking
+from ptq import data, pipeline, tracking
 from ptq.backends import PRECISIONS
 from ptq.config import RunConfig
 from ptq.errors import PtqError
@@ -54,6 +55,19 @@ def _configure(base: RunConfig, combo: dict[str, str]) -> RunConfig:
     return replace(base, model=combo["model"], precision=combo["precision"], backend=combo["backend"], quant=replace(base.quant, calib_method=combo["calib_method"]))
 
 
+def resume_identity(fingerprint: dict[str, str], data_hash: str) -> dict[str, object]:
+    """What must match for a finished run to stand for a combination: the device (its name, which reports key on,
+    and its machine id, which tells apart machines with one host name), the data's content, ptq's commit and
+    the library versions; a new commit, library or image set measures something new."""
+    return {
+        "device": fingerprint["device.name"],
+        "machine_id": fingerprint["device.machine_id"],
+        "commit": fingerprint["ptq.commit"],
+        "versions": {k: v for k, v in fingerprint.items() if k.startswith("version.")},
+        "data_hash": data_hash,
+    }
+
+
 def run_sweep(
     name: str,
     base: RunConfig,
@@ -72,9 +86,12 @@ def run_sweep(
         _configure(base, combo).validate()
     tracking.select_store()
     fingerprint = tracking.fingerprint()  # identifies this device's runs; also the parent's tags
-    device = fingerprint["device.host"]
+    assert base.data is not None  # validate() refused a sweep without data
+    data_hash = data.scan(base.data).content_hash
+    identity = resume_identity(fingerprint, data_hash)
     run_params = {k: v for k, v in base.params().items() if k not in ("model", "precision", "backend", "calib_method", "experiment")}
-    sweep_key = _key(name, device, grid, run_params)
+    key_params = {k: v for k, v in run_params.items() if k != "data"}  # the same images elsewhere are the same data
+    sweep_key = _key(name, identity, grid, key_params)
     client = MlflowClient()
     parent_id = None
     if not tracking.under_mlflow_run():  # under `mlflow run -e sweep`, the project's run is the parent
@@ -88,11 +105,12 @@ def run_sweep(
         experiment_id = parent.info.experiment_id
         if not parent_id:
             mlflow.set_tags({**fingerprint, **tracking.offline_tags(), "ptq.sweep": name, "ptq.sweep_key": sweep_key})
-            mlflow.log_params(tracking.new_params(parent.info.run_id, {**run_params, "sweep": name, "grid": json.dumps(grid)[:6000], "combinations": str(len(grid))}))
+            params = {**run_params, "sweep": name, "data_hash": data_hash, "grid": json.dumps(grid)[:6000], "combinations": str(len(grid))}
+            mlflow.log_params(tracking.new_params(parent.info.run_id, params))
         try:
             for combo in track(grid, total=len(grid), description=f"sweep {name}", enabled=base.progress):
                 label = "/".join(combo.values())
-                combo_key = _key(device, combo, run_params)
+                combo_key = _key(identity, combo, key_params)
                 earlier = client.search_runs([experiment_id], f"tags.`ptq.combo_key` = '{combo_key}'")
                 if any(r.info.status == "FINISHED" for r in earlier):
                     skipped.append(label)
