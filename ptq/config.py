@@ -62,6 +62,14 @@ class RunConfig:
                 raise PtqError(f"{name}={getattr(self, name)} must be at least 1")
         if self.blocks < 2:
             raise PtqError(f"blocks={self.blocks} must be at least 2: the speed-up's confidence interval resamples blocks")
+        cpus = os.cpu_count() or 1
+        if not 0 <= self.threads <= cpus:
+            raise PtqError(f"threads={self.threads} must be between 0 and {cpus}, this machine's logical CPUs (0 = every core)")
+        if self.precision == "int8" and self.calib_size < 1:
+            raise PtqError(
+                f"calib_size={self.calib_size}: precision=int8 needs calibration images: set calib_size to 1 or more (default 100), "
+                "or use precision fp32 or fp16"
+            )
         for name in ("warmup", "min_duration_s"):
             if getattr(self, name) < 0:
                 raise PtqError(f"{name}={getattr(self, name)} must be 0 or more")

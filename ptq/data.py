@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -20,6 +23,8 @@ from ptq.models import PIL_FILTERS, Transform
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+# What PIL raises on a file that is not a usable image (garbage headers can also claim decompression-bomb sizes).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def imagenet_classes() -> list[tuple[str, str]]:
@@ -39,6 +44,7 @@ class Dataset:
     files: tuple[Path, ...]
     labels: tuple[int, ...]
     content_hash: str
+    readable: tuple[bool, ...]  # whether PIL recognizes each file's header; decoding may still fail
 
 
 def _label(wnid: str, path: Path) -> int:
@@ -66,10 +72,29 @@ def scan(root: Path) -> Dataset:
     if not files:
         raise PtqError(f"data folder {root} holds no images (.JPEG/.jpg/.png): point data= at a folder of ImageNet images")
     digest = hashlib.sha256()
+    readable = []
     for f in files:
+        content = f.read_bytes()
         digest.update(str(f.relative_to(root)).encode())
-        digest.update(hashlib.sha256(f.read_bytes()).digest())
-    return Dataset(root, tuple(files), tuple(labels), digest.hexdigest()[:16])
+        digest.update(hashlib.sha256(content).digest())
+        readable.append(_header_ok(content))
+    if not any(readable):
+        raise PtqError(
+            f"none of the {len(files)} images in data folder {root} is a readable image (e.g. {files[0].name}): "
+            "point data= at a folder of real JPEG/PNG images"
+        )
+    return Dataset(root, tuple(files), tuple(labels), digest.hexdigest()[:16], tuple(readable))
+
+
+def _header_ok(content: bytes) -> bool:
+    """Whether PIL recognizes the image format from its header alone: catches garbage without decoding pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's notices about garbage (corrupt EXIF, absurd sizes) are not the user's concern
+        try:
+            Image.open(io.BytesIO(content)).close()
+        except UNREADABLE:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -91,6 +116,17 @@ def split(n: int, calib_size: int, eval_size: int | None, seed: int) -> Split:
             raise PtqError(f"eval_size={eval_size} must be positive, or left out to evaluate every non-calibration image")
         rest = rest[:eval_size]
     return Split(tuple(int(i) for i in sorted(order[:calib_size])), tuple(int(i) for i in sorted(rest)))
+
+
+def require_readable(ds: Dataset, split: Split, ok: Sequence[bool] | np.ndarray, calibrate: bool) -> None:
+    """Refuse a split in which no calibration image (when calibrating) or no evaluation image (latency and
+    accuracy run on them) is readable: `ok` is the scan's header check before decoding, `Tensors.ok` after."""
+    for role, indices in (("calibration", split.calib if calibrate else ()), ("evaluation", split.eval)):
+        if indices and not any(ok[i] for i in indices):
+            raise PtqError(
+                f"none of the {len(indices)} {role} images of data folder {ds.root} is readable (e.g. {ds.files[indices[0]].name}): "
+                "replace or remove the broken files"
+            )
 
 
 # Bumped whenever _decode's pixels change, so tensor caches written by an older decode are never reused.
@@ -125,7 +161,7 @@ def _decode(path: Path, t: Transform) -> np.ndarray | None:
         left, top = _crop_offset(img.size[0], t.crop), _crop_offset(img.size[1], t.crop)
         img = img.crop((left, top, left + t.crop, top + t.crop))
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except (OSError, ValueError, SyntaxError) as exc:
+    except UNREADABLE as exc:
         log.warning("skipping unreadable image %s (%s)", path, exc)
         return None
 
@@ -179,6 +215,10 @@ def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:
         for i, arr in enumerate(track(decoded, total=len(ds.files), description="decode images", enabled=progress)):
             if arr is not None:
                 pixels[i], ok[i] = arr, True
+    if not ok.any():
+        raise PtqError(
+            f"none of the {len(ds.files)} images in data folder {ds.root} could be decoded: point data= at a folder of real JPEG/PNG images"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = pix_path.with_suffix(".tmp.npy")
     np.save(tmp, pixels)

@@ -1,4 +1,4 @@
-"""torch -> ONNX with a dynamic batch axis, checked with onnx.checker."""
+"""torch -> ONNX with a dynamic batch axis, checked with onnx.checker; foreign ONNX models checked for what ptq feeds them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 from ptq.errors import PtqError
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+IMAGENET_CLASSES = 1000
 OPSET = 17  # parsed by TensorRT 8.5 (JetPack 5) and 10 (JetPack 6) alike
 
 
@@ -45,6 +46,56 @@ def check(path: Path) -> onnx.ModelProto:
     if len(model.graph.input) != 1:
         raise PtqError(f"{path} has {len(model.graph.input)} inputs; ptq expects one NCHW image input")
     return model
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
+    """A tensor's static dim sizes (None where symbolic or unknown), or None where its rank is not declared."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+
+
+def _shape_text(value: onnx.ValueInfoProto) -> str:
+    """A tensor's declared shape as text, symbolic dims by name: (batch, 3, 224, 224)."""
+    dims = value.type.tensor_type.shape.dim
+    return "(" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in dims) + ")"
+
+
+def check_classifier(path: Path, crop: int, accuracy: bool) -> None:
+    """Refuse, before any work, an ONNX model ptq cannot feed (its declared input must be float32 (N, 3, crop, crop)
+    with a dynamic batch) or, when `accuracy` is measured, cannot score (its declared output must be (N, 1000))."""
+    model = check(path)
+    inp, out = model.graph.input[0], model.graph.output[0]
+    where = f"{path.name}'s input {inp.name!r}"
+    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        elem = onnx.TensorProto.DataType.Name(inp.type.tensor_type.elem_type)
+        raise PtqError(f"{where} is {elem}, but ptq feeds float32 images: re-export it with a float32 input")
+    dims = _dims(inp)
+    if dims is not None:
+        if len(dims) != 4 or dims[1] not in (None, 3):
+            raise PtqError(
+                f"{where} has shape {_shape_text(inp)}, but ptq feeds RGB images as NCHW (N, 3, {crop}, {crop}): "
+                "re-export it with one float32 (N, 3, H, W) image input"
+            )
+        if dims[0] is not None:
+            raise PtqError(
+                f"{where} has a fixed batch size of {dims[0]}, but ptq runs batches of several sizes (calibration, latency, evaluation): "
+                "re-export it with a dynamic batch axis"
+            )
+        sides = {d for d in dims[2:] if d is not None}
+        if len(sides) > 1:
+            raise PtqError(f"{where} has shape {_shape_text(inp)}, but ptq feeds square center crops: re-export it for a square input")
+        if sides - {crop}:
+            raise PtqError(
+                f"{where} has shape {_shape_text(inp)}, but input_size={crop} makes {crop}x{crop} crops: pass input_size={sides.pop()}"
+            )
+    outs = _dims(out)
+    if accuracy and outs is not None and (len(outs) != 2 or outs[1] not in (None, IMAGENET_CLASSES)):
+        raise PtqError(
+            f"{path.name} outputs shape {_shape_text(out)}, not scores for the {IMAGENET_CLASSES} ImageNet classes (N, {IMAGENET_CLASSES}), "
+            "so its accuracy cannot be measured: run it with weights=random (size, compression and latency only)"
+        )
 
 
 def input_name(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,21 @@ class ModelSpec:
     weights_note: str = ""
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a corrupt or partial torch.hub checkpoint before torch unpickles it: its name carries the first hex
+    digits of its SHA-256 (torch.hub's HASH_REGEX), which torch checks only while downloading."""
+    match = torch.hub.HASH_REGEX.search(path.name)
+    if not match or not match.group(1):
+        return
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if not digest.startswith(match.group(1)):
+        raise PtqError(
+            f"checkpoint {path} is corrupt or incomplete (its SHA-256 does not start with {match.group(1)}): "
+            "delete it and download it again, or run with weights=random"
+        )
+
+
 def _torchvision_spec(alias: str, tv_name: str) -> ModelSpec:
     import torchvision.models as tvm
 
@@ -95,16 +111,24 @@ def _torchvision_spec(alias: str, tv_name: str) -> ModelSpec:
     def build(w: str) -> nn.Module:
         if w == "random":
             return tvm.get_model(tv_name, weights=None)
-        if not ckpt.is_file():
+        if ckpt.is_file():
+            verify_checkpoint(ckpt)
             try:
                 return tvm.get_model(tv_name, weights=weights)
-            except Exception as exc:  # no internet, proxy, partial download
+            except Exception as exc:  # the right bytes that this torch still cannot read
+                reason = str(exc).partition("\n")[0][:150]
                 raise PtqError(
-                    f"pretrained weights for {alias} are not on this machine and could not be downloaded "
-                    f"({type(exc).__name__}): put {ckpt.name} under {ckpt.parent} (TORCH_HOME), "
-                    f"or run with weights=random"
+                    f"checkpoint {ckpt} could not be loaded ({type(exc).__name__}: {reason}): "
+                    "delete it and download it again, or run with weights=random"
                 ) from None
-        return tvm.get_model(tv_name, weights=weights)
+        try:
+            return tvm.get_model(tv_name, weights=weights)
+        except Exception as exc:  # no internet, proxy, partial download
+            raise PtqError(
+                f"pretrained weights for {alias} are not on this machine and could not be downloaded "
+                f"({type(exc).__name__}): put {ckpt.name} under {ckpt.parent} (TORCH_HOME), "
+                f"or run with weights=random"
+            ) from None
 
     return ModelSpec(
         name=alias,

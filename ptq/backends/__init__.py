@@ -85,8 +85,9 @@ class Backend(ABC):
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]] = PRECISIONS
 
-    def check(self, precision: str) -> None:
-        """Refuse an unsupported precision or a missing runtime before any work is done."""
+    def check(self, precision: str, onnx_only: bool = False) -> None:
+        """Refuse an unsupported precision, a missing runtime or (`onnx_only`: model=*.onnx, no torch module) a
+        model this backend cannot take, before any work is done."""
         if precision not in self.precisions:
             raise PtqError(f"backend {self.name} does not support precision {precision!r} here: use one of {', '.join(self.precisions)}")
 

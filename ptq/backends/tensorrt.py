@@ -309,8 +309,8 @@ class TensorRTBackend(Backend):
         builder = trt.Builder(self._logger())
         return Capabilities(bool(builder.platform_has_fast_fp16), bool(builder.platform_has_fast_int8), int(builder.num_DLA_cores))
 
-    def check(self, precision: str) -> None:
-        super().check(precision)
+    def check(self, precision: str, onnx_only: bool = False) -> None:
+        super().check(precision, onnx_only)
         require_tensorrt()
         check_version(str(trt.__version__))
         self.cuda  # noqa: B018  (fails early with the install hint)

@@ -30,14 +30,15 @@ class TorchBackend(Backend):
     def __init__(self) -> None:
         self.dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
-    def check(self, precision: str) -> None:
+    def check(self, precision: str, onnx_only: bool = False) -> None:
         if precision == "int8":
             raise PtqError("the torch backend runs fp32 and fp16 only (eager baseline): use backend=ort or backend=tensorrt for int8")
+        if onnx_only:
+            raise PtqError("the torch backend needs a torch model (alias, torchvision or lite name), not an .onnx file: use backend=ort")
         super().check(precision)
 
     def compress(self, job: CompressJob) -> Compressed:
-        if job.module is None:
-            raise PtqError("the torch backend needs a torch model (alias, torchvision or lite name), not an .onnx file")
+        assert job.module is not None  # check() refused model=*.onnx
         with job.phases("convert"):
             module = copy.deepcopy(job.module).eval()
             if job.precision == "fp16":
