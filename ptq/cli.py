@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TextIO
 
 import typer
 from rich.console import Console
@@ -17,7 +21,7 @@ from ptq import report as reports
 from ptq import sweep as sweeps
 from ptq import sync as syncs
 from ptq.config import RunConfig
-from ptq.errors import PtqError
+from ptq.errors import PtqError, stop_on_signals
 from ptq.quantize import QuantOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure what post-training quantization costs and buys on this device.")
@@ -108,9 +112,38 @@ def run(
 ) -> None:
     """Quantize, evaluate and benchmark one model; log everything to MLflow."""
     options = {k: v for k, v in locals().items() if k not in ("model", "precision", "backend", "calib_method")}
-    run_id = pipeline.run(_config(model, precision, backend, calib_method, options))
-    console.print(f"[green]run {run_id} finished[/green]: see `mlflow ui` or mlflow.search_runs()")
-    typer.echo(run_id)
+    cfg = _config(model, precision, backend, calib_method, options)
+    with _stopped_by_signal(), _stdout_to_stderr() as stdout:
+        run_id = pipeline.run(cfg)
+        console.print(f"[green]run {run_id} finished[/green]: see `mlflow ui` or mlflow.search_runs()")
+        print(run_id, file=stdout, flush=True)
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[TextIO]:
+    """Library chatter (Python prints and native logs alike) goes to stderr while a command works, so stdout
+    carries only what the README says it does; yields the real stdout for that."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    real = os.fdopen(os.dup(saved), "w")
+    try:
+        with redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        real.close()
+
+
+@contextmanager
+def _stopped_by_signal() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP end the command with 128 + the signal's number, after the run was closed KILLED."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
 
 
 def _names(text: str) -> list[str]:
@@ -139,7 +172,8 @@ def sweep(
     parsed = run_command.make_context("run", ["--model", "-", *ctx.args]).params  # the run options, parsed as `ptq run` would
     options = {k: v for k, v in parsed.items() if k not in ("model", "precision", "backend", "calib_method")}
     base = _config(grid_models[0] if grid_models else "", "fp32", "ort", methods[0], options)
-    result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), methods)
+    with _stopped_by_signal(), _stdout_to_stderr():
+        result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), methods)
     console.print(
         f"sweep run {result.parent_run_id}: {len(result.passed)} ran, {len(result.skipped)} already finished, {len(result.failed)} failed"
         + (f" ({', '.join(result.failed)})" if result.failed else "")
@@ -151,7 +185,7 @@ def sweep(
 @app.command()
 def report(
     experiments: Annotated[str, typer.Option(help="Comma-separated MLflow experiments to read")] = "ptq",
-    device: Annotated[str, typer.Option(help="Only runs of this device (tag device.host)")] = "",
+    device: Annotated[str, typer.Option(help="Only runs of this device (its device.name or host name)")] = "",
     model: Annotated[str, typer.Option(help="Only this model")] = "",
     precision: Annotated[str, typer.Option(help="Only this precision")] = "",
     out: Annotated[Path, typer.Option(help="Folder for the tables, plots and summary")] = Path("report"),
@@ -182,7 +216,7 @@ def list_models(all_: Annotated[bool, typer.Option("--all", help="Also list ever
             name,
             spec.source,
             f"{spec.num_params / 1e6:.1f}" if spec.num_params else "?",
-            f"{t.resize}->{t.crop}",
+            f"{t.resize}->{t.crop} {t.interpolation}",
             f"{t.mean[0]:g}/{t.std[0]:g}" if t.mean[0] == 0.5 else "imagenet",
             "yes" if spec.weights_available else f"no ({spec.weights_note})",
         )
@@ -193,8 +227,11 @@ def list_models(all_: Annotated[bool, typer.Option("--all", help="Also list ever
 
 def main() -> None:
     """Console-script entry: run the app, turning PtqError into one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    # on a terminal rich's layout; in a log file (Slurm, systemd, CI) plain lines that are never wrapped
+    handler = RichHandler(console=console, show_path=False) if sys.stderr.isatty() else logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
     logging.getLogger("ptq").setLevel(logging.INFO)
+    stop_on_signals()
     try:
         app()
     except PtqError as exc:

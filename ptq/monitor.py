@@ -8,6 +8,7 @@ a sample is also taken at every phase boundary, so even a sub-second phase has i
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import resource
 import threading
@@ -405,15 +406,19 @@ class Monitor:
                     out[f"{p}/energy_per_img_j"] = total / self.images[phase]
         return out
 
-    def write_csv(self, path: Path) -> Path:
+    def points(self) -> list[tuple[str, float, int, int]]:
+        """Every sampled value as (metric, value, timestamp in ms, step = whole seconds since start)."""
+        return [(key, float(v), int(s.wall * 1000), int(s.t)) for s in self.samples for key, v in s.values.items()]
+
+    def csv_text(self) -> str:
         """The raw timeline: one row per sample, one column per quantity."""
         keys = sorted({k for s in self.samples for k in s.values})
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["t_s", "timestamp", "dt_s", "phase", *keys])
-            for s in self.samples:
-                w.writerow([f"{s.t:.3f}", f"{s.wall:.3f}", f"{s.dt:.3f}", s.phase, *(s.values.get(k, "") for k in keys)])
-        return path
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["t_s", "timestamp", "dt_s", "phase", *keys])
+        for s in self.samples:
+            w.writerow([f"{s.t:.3f}", f"{s.wall:.3f}", f"{s.dt:.3f}", s.phase, *(s.values.get(k, "") for k in keys)])
+        return out.getvalue()
 
     def plot(self, path: Path) -> Path:
         """One panel per main quantity against time, phases shaded and named."""
@@ -460,24 +465,3 @@ class Monitor:
         """The sampling's own CPU time (thread and boundary samples) as a percentage of one core."""
         elapsed = self.samples[-1].t if self.samples else 0.0
         return 100 * self.own_cpu_s / elapsed if elapsed > 0 else 0.0
-
-    def log_to_mlflow(self) -> None:
-        """Time series (step = whole seconds since start, real timestamps), per-phase summaries, CSV and plot."""
-        import tempfile
-
-        import mlflow
-        from mlflow.entities import Metric
-
-        run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
-        series = [
-            Metric(key, float(v), int(s.wall * 1000), int(s.t)) for s in self.samples for key, v in s.values.items()
-        ]
-        client = mlflow.MlflowClient()
-        for i in range(0, len(series), 1000):
-            client.log_batch(run_id, metrics=series[i : i + 1000])
-        mlflow.log_metrics({**self.summary(), "monitor/own_cpu_pct": self.own_cpu_pct(), "monitor/samples": len(self.samples)})
-        mlflow.set_tags(self.tags())
-        if self.samples:
-            with tempfile.TemporaryDirectory() as tmp:
-                mlflow.log_artifact(str(self.write_csv(Path(tmp) / "timeline.csv")), "monitor")
-                mlflow.log_artifact(str(self.plot(Path(tmp) / "timeline.png")), "monitor")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shutil
 import tempfile
@@ -10,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -26,19 +26,20 @@ log = logging.getLogger(__name__)
 COMPRESS_PHASES = ("export", "preprocess", "calibrate", "quantize", "convert", "build")
 
 
-def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> str:
-    """Execute one run and return its MLflow run id. Bad input fails before the run starts."""
+def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """Execute one run (a child of `parent_run_id` in a sweep) and return its MLflow run id. Bad input fails before the run starts."""
     cfg.validate()
     spec = models.resolve(cfg.model, cfg.input_size, cfg.mean, cfg.std)
     backend = get_backend(cfg.backend)
-    backend.check(cfg.precision)
+    backend.check(cfg.precision, onnx_only=spec.build is None)
+    if spec.onnx_path is not None:
+        export.check_classifier(spec.onnx_path, spec.transform.crop, accuracy=cfg.weights == "pretrained")
     assert cfg.data is not None
     dataset = data.scan(cfg.data)
     split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)
+    data.require_readable(dataset, split, dataset.readable, calibrate=cfg.precision == "int8")
     torch.manual_seed(cfg.split_seed)  # weights=random is reproducible too
     module = spec.build(cfg.weights) if spec.build else None
-    if spec.onnx_path is not None:
-        export.check(spec.onnx_path)
     tracking.select_store()
 
     params = {**cfg.params(), "data_hash": dataset.content_hash, "data_images": str(len(dataset.files))}
@@ -51,17 +52,34 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> str:
     }
     name = f"{spec.name}-{cfg.precision}-{cfg.backend}" + ("-random" if cfg.weights == "random" else "")
     phases = Phases()
-    with tempfile.TemporaryDirectory(prefix="ptq-run-") as tmp, tracking.run(cfg.experiment, name, params, tags) as active:
+    with tempfile.TemporaryDirectory(prefix="ptq-run-") as tmp, tracking.run(cfg.experiment, name, params, tags, parent_run_id) as rec:
         monitor = Monitor(cfg.monitor_interval, phases) if cfg.monitor else None
+        failed = True
         try:
             if monitor:
                 monitor.start()
-            _execute(cfg, spec, module, backend, dataset, split, phases, monitor, Path(tmp))
+            _execute(cfg, spec, module, backend, dataset, split, phases, monitor, rec, Path(tmp))
+            failed = False
         finally:
             if monitor:
                 monitor.stop()
-                monitor.log_to_mlflow()
-        return str(active.info.run_id)
+                try:
+                    _log_monitor(rec, monitor, Path(tmp))
+                except Exception as exc:  # never let it replace the run's own error
+                    if not failed:
+                        raise
+                    log.warning("the monitor's data could not be logged (%s); the run's own error follows", exc)
+        return rec.run_id
+
+
+def _log_monitor(rec: tracking.Recorder, monitor: Monitor, work: Path) -> None:
+    """Per-second series, per-phase summaries, which sources ran, the raw timeline and its plot."""
+    rec.series(monitor.points())
+    rec.metrics({**monitor.summary(), "monitor/own_cpu_pct": monitor.own_cpu_pct(), "monitor/samples": len(monitor.samples)})
+    rec.tags(monitor.tags())
+    if monitor.samples:
+        rec.text(monitor.csv_text(), "monitor/timeline.csv")
+        rec.artifact(monitor.plot(work / "timeline.png"), "monitor")
 
 
 def _execute(
@@ -73,6 +91,7 @@ def _execute(
     split: data.Split,
     phases: Phases,
     monitor: Monitor | None,
+    rec: tracking.Recorder,
     work: Path,
 ) -> None:
     fp32_path = work / "model_fp32.onnx"
@@ -82,18 +101,19 @@ def _execute(
         else:
             assert module is not None
             export.to_onnx(module, spec.transform.crop, fp32_path)
-    mlflow.log_metric("size/fp32_bytes", fp32_path.stat().st_size)
+    rec.metrics({"size/fp32_bytes": fp32_path.stat().st_size})
     if module is not None:
-        mlflow.log_metric("model/params", models.count_params(module))
+        rec.metrics({"model/params": models.count_params(module)})
 
     with phases("load_data"):
         tensors = data.load_tensors(dataset, spec.transform, progress=cfg.progress)
-    mlflow.set_tag("ptq.tensor_cache", "hit" if tensors.from_cache else "miss")
+    data.require_readable(dataset, split, tensors.ok, calibrate=cfg.precision == "int8")  # a header can open, the image still not decode
+    rec.tags({"ptq.tensor_cache": "hit" if tensors.from_cache else "miss"})
     calib_idx = [i for i in split.calib if tensors.ok[i]]
     eval_idx = [i for i in split.eval if tensors.ok[i]]
     skipped = len(split.calib) + len(split.eval) - len(calib_idx) - len(eval_idx)
-    mlflow.log_metrics({"data/calib_images": len(calib_idx), "data/eval_images": len(eval_idx), "data/skipped_images": skipped})
-    mlflow.log_dict({"calib": [dataset.files[i].name for i in calib_idx], "eval": [dataset.files[i].name for i in eval_idx]}, "split.json")
+    rec.metrics({"data/calib_images": len(calib_idx), "data/eval_images": len(eval_idx), "data/skipped_images": skipped})
+    rec.text(json.dumps({"calib": [dataset.files[i].name for i in calib_idx], "eval": [dataset.files[i].name for i in eval_idx]}), "split.json")
 
     def calib_batches(batch_size: int) -> Iterator[np.ndarray]:
         batch_size = quantize.even_batch(len(calib_idx), batch_size)
@@ -105,27 +125,27 @@ def _execute(
     compressed = backend.compress(job)
     with phases("build"):
         session = backend.open(compressed, cfg.threads_used)
-    _log_compression(phases, fp32_path, compressed)
+    _log_compression(rec, phases, fp32_path, compressed)
     sessions = {"": session}
     if cfg.precision != "fp32":  # the reference runs beside the compressed model: same process, same minutes
         with phases("fp32_build"):
             ref_model = backend.compress(replace(job, precision="fp32", phases=Phases()))
             sessions["fp32_"] = backend.open(ref_model, cfg.threads_used)
-        mlflow.set_tag("numerics.fp32", ref_model.numerics)
+        rec.tags({"numerics.fp32": ref_model.numerics})
 
     batch = tensors.batch((eval_idx * cfg.batch_size)[: cfg.batch_size])
     latency = bench.time_blocks(sessions, batch, cfg.latency(), phases)
     for prefix, lat in latency.items():
         if monitor:
             monitor.count_images(f"{prefix}latency", len(lat.ms) * cfg.batch_size)
-        mlflow.log_metrics(lat.metrics(prefix))
+        rec.metrics(lat.metrics(prefix))
     mine = latency[""]
     p50, _, p99 = mine.percentiles()
-    mlflow.log_metrics({"latency/queries": len(mine.ms), "latency/blocks": len(np.unique(mine.block)), "latency/seconds": mine.seconds})
+    rec.metrics({"latency/queries": len(mine.ms), "latency/blocks": len(np.unique(mine.block)), "latency/seconds": mine.seconds})
     summary = {"latency p50 (ms)": p50, "latency p99 (ms)": p99, "throughput (img/s)": mine.batch_size * len(mine.ms) / mine.seconds}
     if "fp32_" in latency:
-        summary.update(_log_speedup(cfg, latency["fp32_"], mine))
-    _log_latency_samples(work, cfg.precision, latency)
+        summary.update(_log_speedup(rec, cfg, latency["fp32_"], mine))
+    _log_latency_samples(rec, work, cfg.precision, latency)
 
     if cfg.weights == "pretrained" and eval_idx:
         labels = np.asarray([dataset.labels[i] for i in eval_idx])
@@ -137,7 +157,7 @@ def _execute(
                 accuracy[prefix] = bench.evaluate(sess, tensors, eval_idx, labels, cfg.eval_batch_size, f"evaluate {prefix or cfg.precision}", cfg.progress)
         acc, reference = accuracy[""], accuracy.get("fp32_", accuracy[""])
         drop = 100 * (reference.top1 - acc.top1)
-        mlflow.log_metrics(
+        rec.metrics(
             {
                 "acc/top1": acc.top1,
                 "acc/top5": acc.top5,
@@ -147,38 +167,38 @@ def _execute(
                 "acc/top5_drop_pt": 100 * (reference.top5 - acc.top5),
             }
         )
-        _log_predictions(work, dataset, eval_idx, acc, reference)
+        _log_predictions(rec, work, dataset, eval_idx, acc, reference)
         summary.update({"top-1": acc.top1, "fp32 top-1": reference.top1, "top-1 drop (points)": drop})
     del sessions, session
-    _log_summary(cfg, phases, fp32_path, compressed, summary)
+    _log_summary(rec, cfg, phases, fp32_path, compressed, summary)
 
 
-def _log_speedup(cfg: RunConfig, reference: bench.Latency, model: bench.Latency) -> dict[str, float]:
+def _log_speedup(rec: tracking.Recorder, cfg: RunConfig, reference: bench.Latency, model: bench.Latency) -> dict[str, float]:
     """p50 speed-up over FP32 with its block-bootstrap 95 % interval; warns where compression made it slower."""
     speedup = reference.percentiles()[0] / model.percentiles()[0]
     low, high = bench.speedup_ci(reference, model)
-    mlflow.log_metrics({"speedup/p50": speedup, "speedup/p50_ci95_low": low, "speedup/p50_ci95_high": high})
+    rec.metrics({"speedup/p50": speedup, "speedup/p50_ci95_low": low, "speedup/p50_ci95_high": high})
     if speedup < 1.0:
         note = f"{cfg.precision} is slower than fp32 here: {speedup:.2f}x the fp32 speed at batch {cfg.batch_size} (95 % CI {low:.2f}-{high:.2f})"
         log.warning(note)
-        mlflow.set_tag("ptq.warning", note)
+        rec.tags({"ptq.warning": note})
     return {"speed-up over fp32 (p50)": speedup, "speed-up 95 % CI low": low, "speed-up 95 % CI high": high}
 
 
-def _log_compression(phases: Phases, fp32_path: Path, compressed: Compressed) -> None:
+def _log_compression(rec: tracking.Recorder, phases: Phases, fp32_path: Path, compressed: Compressed) -> None:
     times = {f"compress/{p}_s": phases.seconds[p] for p in COMPRESS_PHASES if p in phases.seconds}
     times["compress/total_s"] = sum(times.values())
     size = compressed.path.stat().st_size
-    mlflow.set_tags({"numerics.model": compressed.numerics, **compressed.tags})
-    mlflow.log_metrics({**times, "size/model_bytes": size, "size/ratio": fp32_path.stat().st_size / size})
-    mlflow.log_artifact(str(fp32_path), "model")
+    rec.tags({"numerics.model": compressed.numerics, **compressed.tags})
+    rec.metrics({**times, "size/model_bytes": size, "size/ratio": fp32_path.stat().st_size / size})
+    rec.artifact(fp32_path, "model")
     if compressed.path != fp32_path:
-        mlflow.log_artifact(str(compressed.path), "model")
+        rec.artifact(compressed.path, "model")
     for extra in compressed.artifacts:
-        mlflow.log_artifact(str(extra), "model")
+        rec.artifact(extra, "model")
 
 
-def _log_latency_samples(work: Path, precision: str, latency: dict[str, bench.Latency]) -> None:
+def _log_latency_samples(rec: tracking.Recorder, work: Path, precision: str, latency: dict[str, bench.Latency]) -> None:
     """Every timed query with its model and block, for distributions and block-bootstrap intervals."""
     path = work / "latency.csv"
     with path.open("w", newline="") as f:
@@ -187,10 +207,10 @@ def _log_latency_samples(work: Path, precision: str, latency: dict[str, bench.La
         for prefix, lat in latency.items():
             name = "fp32" if prefix else precision
             writer.writerows((name, int(b), f"{v:.4f}") for b, v in zip(lat.block, lat.ms))
-    mlflow.log_artifact(str(path))
+    rec.artifact(path)
 
 
-def _log_predictions(work: Path, dataset: data.Dataset, eval_idx: list[int], acc: bench.Accuracy, ref: bench.Accuracy) -> None:
+def _log_predictions(rec: tracking.Recorder, work: Path, dataset: data.Dataset, eval_idx: list[int], acc: bench.Accuracy, ref: bench.Accuracy) -> None:
     """Per-image top-5 of both models, for paired statistics (McNemar) across precisions."""
     path = work / "predictions.csv"
     with path.open("w", newline="") as f:
@@ -207,10 +227,10 @@ def _log_predictions(work: Path, dataset: data.Dataset, eval_idx: list[int], acc
                     int(ref.top5_pred[row, 0] == ref.labels[row]),
                 ]
             )
-    mlflow.log_artifact(str(path))
+    rec.artifact(path)
 
 
-def _log_summary(cfg: RunConfig, phases: Phases, fp32_path: Path, compressed: Compressed, summary: dict[str, float]) -> None:
+def _log_summary(rec: tracking.Recorder, cfg: RunConfig, phases: Phases, fp32_path: Path, compressed: Compressed, summary: dict[str, float]) -> None:
     lines = [
         f"# {cfg.model} {cfg.precision} on {cfg.backend} (weights={cfg.weights})",
         "",
@@ -227,4 +247,4 @@ def _log_summary(cfg: RunConfig, phases: Phases, fp32_path: Path, compressed: Co
         f"{m.block_queries} queries alternating with the FP32 reference until each model had at least {m.blocks} blocks, "
         f"{m.min_queries} queries and {m.min_duration_s:g} s.",
     ]
-    mlflow.log_text("\n".join(lines) + "\n", "summary.md")
+    rec.text("\n".join(lines) + "\n", "summary.md")

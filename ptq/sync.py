@@ -6,7 +6,9 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 
-from mlflow.entities import Metric, Param
+import mlflow
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ptq import tracking
@@ -35,9 +37,13 @@ def sync(target: str | None = None) -> SyncResult:
     """Copy every finished offline run (params, tags, metric histories with steps and timestamps, artifacts,
     status and times) to `target` or the server it was meant for; a run already there is never copied twice."""
     result = SyncResult()
+    configured = target or mlflow.get_tracking_uri()
+    if configured.startswith(("http://", "https://")):
+        tracking.probe(configured)  # wrong credentials are an error even with nothing to upload
     if not (tracking.offline_dir() / "mlflow.db").is_file():
         return result
     local = MlflowClient(tracking_uri=tracking.offline_uri())
+    tracking.close_stale_runs(local, [e.experiment_id for e in local.search_experiments()])  # uploaded as KILLED
     remote_ids: dict[str, str] = {}
     for exp in local.search_experiments():
         for run in local.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=50000):
@@ -59,8 +65,8 @@ def sync(target: str | None = None) -> SyncResult:
             exp_id = remote_exp.experiment_id if remote_exp else remote.create_experiment(exp.name)
             earlier = remote.search_runs([exp_id], f"tags.`{SOURCE_TAG}` = '{rid}'")
             done = [r for r in earlier if r.info.status != "RUNNING"]
-            for partial in (r for r in earlier if r.info.status == "RUNNING"):  # a sync cut off midway
-                remote.delete_run(partial.info.run_id)
+            for cut_off in (r for r in earlier if r.info.status == "RUNNING" and r.info.run_id != tags.get(tracking.PARTIAL_TAG)):
+                remote.delete_run(cut_off.info.run_id)  # a copy whose sync was cut off midway
             new_id = done[0].info.run_id if done else _copy(local, remote, run, exp_id, remote_ids)
             local.set_tag(rid, SYNCED_TAG, new_id)
             remote_ids[rid] = new_id
@@ -68,21 +74,40 @@ def sync(target: str | None = None) -> SyncResult:
     return result
 
 
-def _copy(local: MlflowClient, remote: MlflowClient, run, exp_id: str, remote_ids: dict[str, str]) -> str:  # type: ignore[no-untyped-def]
+def _server_run(remote: MlflowClient, run_id: str | None) -> Run | None:
+    """The server's run `run_id`, if it is (still) there."""
+    if not run_id:
+        return None
+    try:
+        return remote.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _copy(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, remote_ids: dict[str, str]) -> str:
+    """Upload an offline run; one that continues a server run lost mid-run (tag ptq.partial_of) completes that
+    run, adding only what the server does not have yet."""
     rid = run.info.run_id
-    tags = {k: v for k, v in run.data.tags.items() if k not in ("ptq.sync_target", SYNCED_TAG)}
+    tags = {k: v for k, v in run.data.tags.items() if k not in ("ptq.sync_target", SYNCED_TAG, tracking.PARTIAL_TAG)}
     if "mlflow.parentRunId" in tags:
         tags["mlflow.parentRunId"] = remote_ids.get(tags["mlflow.parentRunId"], tags["mlflow.parentRunId"])
-    new = remote.create_run(exp_id, start_time=run.info.start_time, tags={**tags, SOURCE_TAG: rid}, run_name=run.info.run_name)
-    new_id = new.info.run_id
-    for batch in _chunks([Param(k, v) for k, v in run.data.params.items()], 100):
+    partial = _server_run(remote, run.data.tags.get(tracking.PARTIAL_TAG))
+    if partial is not None:
+        new_id, have_params = partial.info.run_id, partial.data.params
+    else:
+        new_id, have_params = remote.create_run(exp_id, start_time=run.info.start_time, run_name=run.info.run_name).info.run_id, {}
+    remote.log_batch(new_id, tags=[RunTag(k, v) for k, v in {**tags, SOURCE_TAG: rid}.items()])
+    for batch in _chunks([Param(k, v) for k, v in run.data.params.items() if k not in have_params], 100):
         remote.log_batch(new_id, params=batch)
-    metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.data.metrics for m in local.get_metric_history(rid, key)]
+    metrics = []
+    for key in run.data.metrics:
+        there = {(m.step, m.timestamp, m.value) for m in remote.get_metric_history(new_id, key)} if partial else set()
+        metrics += [Metric(m.key, m.value, m.timestamp, m.step) for m in local.get_metric_history(rid, key) if (m.step, m.timestamp, m.value) not in there]
     for batch in _chunks(metrics, 1000):
         remote.log_batch(new_id, metrics=batch)
     with tempfile.TemporaryDirectory(prefix="ptq-sync-") as tmp:
         if local.list_artifacts(rid):
             remote.log_artifacts(new_id, local.download_artifacts(rid, "", tmp))
     remote.set_terminated(new_id, run.info.status, run.info.end_time)
-    log.info("uploaded offline run %s as %s", rid, new_id)
+    log.info("uploaded offline run %s %s %s", rid, "completing server run" if partial else "as", new_id)
     return new_id

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import hmac
 import logging
 import os
 import platform
 import re
 import socket
 import subprocess
+import time
 import traceback
+import urllib.parse
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import psutil
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ptq.errors import PtqError
@@ -25,30 +33,31 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "mlflow", "numpy", "tensorrt", "jetson-stats")
 
 
+RETRY_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def limit_retries() -> None:
+    """MLflow retries a request 7 times with exponential backoff, minutes per call against a lost server; ptq
+    allows 2 retries with a 1 s backoff factor and a 30 s timeout (about 3 s when the connection is refused, at
+    most about 95 s when the server hangs), unless the user set these variables."""
+    for key, value in RETRY_LIMITS.items():
+        os.environ.setdefault(key, value)
+
+
 def probe(uri: str) -> str | None:
-    """None if the tracking server at `uri` answers; else why not. Wrong credentials raise at once."""
-    # a refused connection fails in seconds; a busy server (many devices at once) gets time to answer
-    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-    saved = {k: os.environ.get(k) for k in limits}
-    os.environ.update(limits)
+    """None if the tracking server at `uri` answers (within the retry budget); else why not. Wrong credentials raise at once."""
+    limit_retries()
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         return None
     except Exception as exc:
-        msg = str(exc).splitlines()[0][:160]
         text = str(exc)
         denied = getattr(exc, "error_code", "") in ("UNAUTHENTICATED", "PERMISSION_DENIED")
         if denied or re.search(r"error code 40[13]\b|Unauthorized|not authenticated", text):
             raise PtqError(
                 f"tracking server {uri} refused the credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
             ) from None
-        return msg
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _is_server(uri: str) -> bool:
@@ -82,17 +91,37 @@ def offline_tags() -> dict[str, str]:
     return {"ptq.sync_target": _sync_target} if _sync_target and mlflow.get_tracking_uri() == offline_uri() else {}
 
 
+def ready_store(uri: str) -> None:
+    """Create a local SQLite store under a lock file beside it: MLflow creates and migrates a new store on first
+    use, and several processes doing that at once break it (alembic's `_alembic_tmp_*` tables)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+def _go_offline(server: str) -> None:
+    """Send this process's runs to the offline store, tagged with the server they belong to."""
+    global _sync_target
+    ready_store(offline_uri())
+    mlflow.set_tracking_uri(offline_uri())
+    _sync_target = server
+
+
 def select_store() -> str | None:
     """Keep the configured store if it answers; if a server is unreachable, switch this process to the
     offline store and return the server's URI (runs are tagged with it and `ptq sync` uploads them later)."""
     uri = mlflow.get_tracking_uri()
-    if not _is_server(uri) or not (why := probe(uri)):
+    if not _is_server(uri):
+        ready_store(uri)
         return None
-    offline_dir().mkdir(parents=True, exist_ok=True)
+    if not (why := probe(uri)):
+        return None
     log.warning("tracking server %s is unreachable (%s): recording locally in %s; run `ptq sync` when it is back", uri, why, offline_dir())
-    mlflow.set_tracking_uri(offline_uri())
-    global _sync_target
-    _sync_target = uri
+    _go_offline(uri)
     return uri
 
 
@@ -120,14 +149,67 @@ def set_experiment(name: str) -> str:
     return str(experiment.experiment_id)
 
 
-def _cpu_model() -> str:
+CPUINFO = Path("/proc/cpuinfo")
+# What a machine's id is read from, first found wins; never logged raw (machine-id(5): hash it with an app-specific key).
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+# The CPU features that decide INT8 (and FP16/BF16) speed, in the order cpu_isa lists them.
+X86_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16", "amx_fp16")
+ARM_ISA = ("neon", "asimd", "asimdhp", "asimddp", "i8mm", "bf16", "sve", "sve2", "svei8mm", "sme")
+
+
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, or '' where there is none (macOS, Windows, a locked-down container)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return CPUINFO.read_text()
     except OSError:
-        pass
+        return ""
+
+
+def _cpu_fields(cpuinfo: str) -> dict[str, str]:
+    """cpuinfo's `key: value` lines; where every core repeats a key, the last core's value."""
+    return {k.strip(): v.strip() for k, sep, v in (line.partition(":") for line in cpuinfo.splitlines()) if sep}
+
+
+def _cpu_model(cpuinfo: str) -> str:
+    """The CPU's marketing name; on ARM, where cpuinfo often has none, its implementer and part codes."""
+    fields = _cpu_fields(cpuinfo)
+    if fields.get("model name"):
+        return fields["model name"]
+    if "CPU part" in fields:
+        return f"{platform.machine()} (CPU implementer {fields.get('CPU implementer', '?')}, part {fields['CPU part']})"
     return platform.processor() or platform.machine()
+
+
+def cpu_isa(cpuinfo: str) -> str:
+    """The INT8-relevant features that every core has (x86 `flags`, ARM `Features`), as a comma list in a fixed
+    order; 'none' if it has none of them, 'unknown' where cpuinfo lists no features."""
+    for key, names in (("flags", X86_ISA), ("Features", ARM_ISA)):  # apart: AMD's `sme` is not ARM's SME
+        per_core = [set(v.split()) for k, _, v in (line.partition(":") for line in cpuinfo.splitlines()) if k.strip() == key]
+        if per_core:
+            common = set.intersection(*per_core)
+            return ",".join(f for f in names if f in common) or "none"
+    return "unknown"
+
+
+def _raw_machine_id() -> str:
+    """The OS's machine id (systemd, then D-Bus), else the network card's MAC address, else the host name."""
+    for path in MACHINE_ID_FILES:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    node = uuid.getnode()
+    if not node & (1 << 40):  # the multicast bit marks a random number, drawn anew by every process
+        return f"mac:{node:012x}"
+    return f"host:{socket.gethostname()}"
+
+
+def machine_id() -> str:
+    """A short stable id of this machine: a keyed hash of its machine id, so two devices with one host name stay
+    apart while the raw id (which machine-id(5) says to keep confidential) is never logged."""
+    return hmac.new(b"ptq device identity", _raw_machine_id().encode(), hashlib.sha256).hexdigest()[:12]
 
 
 def gpu_name() -> str:
@@ -159,10 +241,14 @@ def _commit() -> str:
 
 def fingerprint() -> dict[str, str]:
     """Tags that identify the device and software a run measured, so runs from many devices can be compared.
-    `PTQ_DEVICE_NAME` names the device where host names are not telling (`xavier-lab-2`)."""
+    `device.name` is what reports call the device: `PTQ_DEVICE_NAME` (`xavier-lab-2`), else host name and machine id."""
+    host, mid, cpuinfo = socket.gethostname(), machine_id(), _cpuinfo()
     tags = {
-        "device.host": os.environ.get("PTQ_DEVICE_NAME") or socket.gethostname(),
-        "device.cpu": _cpu_model(),
+        "device.name": os.environ.get("PTQ_DEVICE_NAME") or f"{host}-{mid[:6]}",
+        "device.host": host,
+        "device.machine_id": mid,
+        "device.cpu": _cpu_model(cpuinfo),
+        "device.cpu_isa": cpu_isa(cpuinfo),
         "device.cores": str(psutil.cpu_count(logical=True)),
         "device.ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
         "device.gpu": gpu_name(),
@@ -188,21 +274,185 @@ def new_params(run_id: str, params: dict[str, str]) -> dict[str, str]:
     return out
 
 
-@contextmanager
-def run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """Open a run (nested under the active one in a sweep; adopted under `mlflow run`); on error mark it
-    FAILED (KILLED on Ctrl-C) with the error, keeping all logged so far."""
-    nested = mlflow.active_run() is not None  # a sweep's child run
-    if not nested and not under_mlflow_run():
-        set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, nested=nested) as active:
-        mlflow.set_tags({**fingerprint(), **offline_tags(), **tags})
-        mlflow.log_params(new_params(active.info.run_id, params))
+
+PROCESS_TAG = "ptq.process"  # the process that owns a RUNNING run, to close it if that process is gone
+PARTIAL_TAG = "ptq.partial_of"  # offline: the server run it continues after the server was lost
+
+
+def process_id() -> str:
+    """This process as `pid:start time`, which no later process on the machine repeats (a pid alone is reused)."""
+    return f"{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
+def process_alive(ident: str) -> bool:
+    """Whether the process that `process_id()` described is still running."""
+    pid, _, started = ident.partition(":")
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except (psutil.Error, ValueError):
+        return False
+
+
+def close_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """Runs of this machine left RUNNING by a process that is gone (SIGKILL, power loss, a native crash) end KILLED."""
+    if not experiment_ids:
+        return []
+    query = f"attributes.status = 'RUNNING' and tags.`device.machine_id` = '{machine_id()}'"
+    closed = []
+    for stale in client.search_runs(experiment_ids, query, max_results=1000):
+        owner = stale.data.tags.get(PROCESS_TAG)
+        if owner is None or process_alive(owner):
+            continue
+        client.set_tag(stale.info.run_id, "ptq.error", f"process {owner.split(':')[0]} ended without closing the run (SIGKILL, power loss or a crash)")
+        client.set_terminated(stale.info.run_id, "KILLED")
+        log.warning("run %s was left RUNNING by a process that is gone: marked KILLED", stale.info.run_id)
+        closed.append(stale.info.run_id)
+    return closed
+
+
+class Recorder:
+    """The writer of one run: every param, tag, metric and artifact goes through it as soon as it exists.
+    It keeps a journal, so that when the tracking server is lost mid-run the run goes on in the offline store
+    with everything it had logged (tag `ptq.partial_of` names the server's run, which `ptq sync` completes)."""
+
+    def __init__(self, client: MlflowClient, run_id: str, experiment: str, run_name: str) -> None:
+        self.client, self.run_id, self.experiment, self.run_name = client, run_id, experiment, run_name
+        self.journal: list[tuple[str, tuple[Any, ...]]] = []
+
+    def params(self, params: dict[str, str]) -> None:
+        """Log params (strings)."""
+        self._write("params", [Param(k, str(v)) for k, v in params.items()])
+
+    def tags(self, tags: dict[str, str]) -> None:
+        """Set tags."""
+        self._write("tags", [RunTag(k, str(v)) for k, v in tags.items()])
+
+    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+        """Log scalar metrics, timestamped now."""
+        now = int(time.time() * 1000)
+        self._write("metrics", [Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def series(self, points: list[tuple[str, float, int, int]]) -> None:
+        """Log time-series points (metric, value, timestamp in ms, step) with their own timestamps and steps."""
+        self._write("metrics", [Metric(key, value, ts, step) for key, value, ts, step in points])
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        """Log a file (it must exist until the run ends: a failover uploads it again)."""
+        self._write("artifact", str(path), folder)
+
+    def text(self, text: str, name: str) -> None:
+        """Log text as the artifact `name`."""
+        self._write("text", text, name)
+
+    def end(self, status: str) -> None:
+        """Close the run as FINISHED, FAILED or KILLED."""
+        self._write("end", status)
+
+    def _write(self, kind: str, *args: Any) -> None:
+        self.journal.append((kind, args))
         try:
-            yield active
-        except BaseException as exc:
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            mlflow.set_tag("ptq.error", f"{type(exc).__name__}: {exc}"[:5000])
-            mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
-            mlflow.end_run(status=status)
+            self._apply(kind, args)
+        except PtqError:
             raise
+        except Exception:
+            uri = str(self.client.tracking_uri)
+            if not _is_server(uri) or not (why := probe(uri)):
+                raise
+            self._fail_over(uri, why)
+
+    def _apply(self, kind: str, args: tuple[Any, ...]) -> None:
+        client, run_id = self.client, self.run_id
+        if kind == "params":
+            for i in range(0, len(args[0]), 100):
+                client.log_batch(run_id, params=args[0][i : i + 100])
+        elif kind == "tags":
+            for i in range(0, len(args[0]), 100):
+                client.log_batch(run_id, tags=args[0][i : i + 100])
+        elif kind == "metrics":
+            for i in range(0, len(args[0]), 1000):
+                client.log_batch(run_id, metrics=args[0][i : i + 1000])
+        elif kind == "artifact":
+            client.log_artifact(run_id, args[0], args[1])
+        elif kind == "text":
+            self._log_text(*args)
+        elif kind == "end":
+            client.set_terminated(run_id, args[0])
+
+    def _log_text(self, text: str, name: str) -> None:
+        """MLflow stages text in the temp dir: where that is full, write straight into a local artifact folder."""
+        try:
+            self.client.log_text(self.run_id, text, name)
+        except OSError:
+            uri = self.client.get_run(self.run_id).info.artifact_uri
+            if not uri.startswith("file:"):
+                raise
+            target = Path(urllib.parse.urlparse(uri).path) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+
+    def _fail_over(self, server: str, why: str) -> None:
+        """Re-create the run in the offline store from the journal and go on there; later runs of this process too."""
+        server_run = self.run_id
+        _go_offline(server)
+        log.warning(
+            "tracking server %s was lost mid-run (%s): run %s goes on in the offline store %s; `ptq sync` completes it there",
+            server, why, server_run, offline_dir(),
+        )
+        self.client = MlflowClient(offline_uri())
+        tags = {"ptq.sync_target": server, PARTIAL_TAG: server_run}
+        self.run_id = self.client.create_run(set_experiment(self.experiment), run_name=self.run_name, tags=tags).info.run_id
+        for kind, args in self.journal:
+            self._apply(kind, args)
+
+
+@contextmanager
+def _permission_checked(uri: str, experiment: str) -> Iterator[None]:
+    """A user the server lets read but not write (HTTP 403) gets one line saying so, before any work."""
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as exc:
+        if getattr(exc, "error_code", "") not in ("PERMISSION_DENIED", "UNAUTHENTICATED") and not re.search(r"error code 40[13]\b", str(exc)):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+        raise PtqError(
+            f"tracking server {uri} does not let {user} write runs in experiment {experiment!r} (permission denied): "
+            "ask its admin for EDIT permission, or use an account that has it"
+        ) from None
+
+
+@contextmanager
+def run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[Recorder]:
+    """Open a run (a child of `parent_run_id` or of the active run in a sweep; the project run under `mlflow run`)
+    and yield its Recorder; on error it ends FAILED (KILLED on Ctrl-C, SIGTERM, SIGHUP) with the error, keeping
+    all logged so far. Runs this machine left RUNNING in that experiment by a dead process are closed first."""
+    client = MlflowClient()
+    parent = parent_run_id or (active.info.run_id if (active := mlflow.active_run()) else None)
+    with _permission_checked(client.tracking_uri, experiment):
+        if under_mlflow_run() and parent is None:
+            run_id = os.environ["MLFLOW_RUN_ID"]
+            experiment_id = client.get_run(run_id).info.experiment_id
+            experiment = client.get_experiment(experiment_id).name
+        else:
+            experiment_id = client.get_run(parent).info.experiment_id if parent else set_experiment(experiment)
+            run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        close_stale_runs(client, [experiment_id])
+        rec = Recorder(client, run_id, experiment, run_name)
+        run_tags = {**fingerprint(), **offline_tags(), **tags, PROCESS_TAG: process_id()}
+        if parent:
+            run_tags["mlflow.parentRunId"] = parent
+        rec.tags(run_tags)
+        rec.params(new_params(run_id, params))
+    try:
+        yield rec
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        try:
+            rec.tags({"ptq.error": why[:5000]})
+            rec.text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), "error.txt")
+            rec.end(status)
+        except Exception as inner:  # the store itself failed (disk full, server lost for good): keep the run's own error
+            log.warning("could not record the failure of run %s (%s)", rec.run_id, inner)
+        log.warning("run %s %s (%s)", rec.run_id, status, why.splitlines()[0][:200])
+        raise
+    rec.end("FINISHED")

@@ -11,6 +11,7 @@ import mlflow
 import psutil
 import pytest
 
+from ptq import pipeline, tracking
 from ptq.monitor import Monitor, PsutilSource, Source, jtop_gpu_freq_mhz, jtop_metrics, jtop_tags
 from ptq.phases import Phases
 
@@ -171,9 +172,9 @@ def test_logs_series_summaries_and_artifacts(tmp_path: Path) -> None:
     with phases("quantize"):
         time.sleep(0.3)
     mon.stop()
-    with mlflow.start_run() as run:
-        mon.log_to_mlflow()
     client = mlflow.MlflowClient()
+    run = client.create_run("0")
+    pipeline._log_monitor(tracking.Recorder(client, run.info.run_id, "Default", "monitor"), mon, tmp_path)
     history = client.get_metric_history(run.info.run_id, "proc/rss_mb")
     assert len(history) == len(mon.samples) and all(m.timestamp > 0 for m in history)
     data = client.get_run(run.info.run_id).data

@@ -25,6 +25,16 @@ PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if 
 RUN = ["--model", "mob-s", "--weights", "random", "--calib-size", "8", "--eval-size", "8", "--min-queries", "4", "--min-duration-s", "0", "--blocks", "2", "--warmup", "1", "--progress", "false"]
 
 
+SERVERS: dict[str, subprocess.Popen] = {}  # uri -> the running server process, for tests that kill it mid-run
+
+
+def kill_server(uri: str) -> None:
+    """Take the server at `uri` down at once (SIGKILL to its process group), as a crash or power loss would."""
+    proc = SERVERS[uri]
+    os.killpg(proc.pid, 9)
+    proc.wait(timeout=60)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,7 +42,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, folder: Path, port: int | None = None, auth: bool = False) -> Iterator[str]:
+def mlflow_server(backend_uri: str, folder: Path, port: int | None = None, auth: bool = False, default_permission: str = "EDIT") -> Iterator[str]:
     """`mlflow server` serving artifacts from `folder`; stopped (and waited for) on exit."""
     port = port or free_port()
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_uri,
@@ -42,11 +52,12 @@ def mlflow_server(backend_uri: str, folder: Path, port: int | None = None, auth:
     if auth:
         cmd += ["--app-name", "basic-auth"]
         ini = folder / "auth.ini"
-        ini.write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = sqlite:///{folder / 'auth.db'}\nadmin_username = admin\nadmin_password = right-password\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        ini.write_text(f"[mlflow]\ndefault_permission = {default_permission}\ndatabase_uri = sqlite:///{folder / 'auth.db'}\nadmin_username = admin\nadmin_password = right-password\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
     log = (folder / f"server-{port}.log").open("a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
+    SERVERS[uri] = proc
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -98,7 +109,7 @@ def devices_and_outage(backend_uri: str, folder: Path, data: Path) -> None:
         exp = client.get_experiment_by_name("ptq")
         assert exp is not None
         runs = client.search_runs([exp.experiment_id])
-        assert sorted(r.data.tags["device.host"] for r in runs) == sorted(caches)
+        assert sorted(r.data.tags["device.name"] for r in runs) == sorted(caches)
         for r in runs:
             assert_complete(client, r.info.run_id)
     # the server is down: device-3's next run is recorded offline, with its resource time series
@@ -116,7 +127,7 @@ def devices_and_outage(backend_uri: str, folder: Path, data: Path) -> None:
         runs = client.search_runs([client.get_experiment_by_name("ptq").experiment_id])  # type: ignore[union-attr]
         assert len(runs) == 5
         synced = [r for r in runs if "ptq.source_run" in r.data.tags]
-        assert len(synced) == 1 and synced[0].data.tags["device.host"] == "device-3"
+        assert len(synced) == 1 and synced[0].data.tags["device.name"] == "device-3"
         assert_complete(client, synced[0].info.run_id, with_monitor=True)
         assert "ptq.sync_target" not in synced[0].data.tags
 
