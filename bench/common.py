@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ptq import data, export, models, quantize
+from ptq import bench, data, export, models, quantize
+from ptq.backends import Session
 from ptq.phases import Phases
 
 DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-1k"))
@@ -52,6 +53,12 @@ def int8(fp32: Path, batches: list[np.ndarray], options: quantize.QuantOptions |
     out = fp32.with_name(fp32.stem.replace("fp32", f"int8{tag}") + ".onnx")
     quantize.to_int8(fp32, out, iter(batches), options or quantize.QuantOptions(), Phases(), out.with_suffix(".ranges.json"))
     return out
+
+
+def p50(session: Session, x: np.ndarray, queries: int) -> float:
+    """p50 of `queries` timed queries on one session, with ptq's own timing loop."""
+    method = bench.LatencyMethod(warmup=0, min_queries=queries, min_duration_s=0, blocks=2, batch_size=len(x))
+    return bench.time_blocks({"": session}, x, method)[""].percentiles()[0]
 
 
 def alternate(rounds: int, a: Callable[[], float], b: Callable[[], float]) -> tuple[float, float]:

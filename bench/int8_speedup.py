@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import alternate, calib_batches, exported, int8, tensors_for  # noqa: E402
+from bench.common import alternate, calib_batches, exported, int8, p50, tensors_for  # noqa: E402
 from ptq import bench, quantize  # noqa: E402
 from ptq.backends.ort import open_session  # noqa: E402
 
@@ -30,15 +30,15 @@ def main(names: list[str], flags: set[str]) -> None:
         s32, s8, s16 = (open_session(str(p), THREADS) for p in (fp32, q, f16))
         for s in (s32, s8, s16):
             bench.warm_up(s, x, 10)
-        p32, p8 = alternate(ROUNDS, lambda: bench.measure_latency(s32, x, ITERS).p50_ms, lambda: bench.measure_latency(s8, x, ITERS).p50_ms)
-        p16 = bench.measure_latency(s16, x, ITERS).p50_ms
+        p32, p8 = alternate(ROUNDS, lambda: p50(s32, x, ITERS), lambda: p50(s8, x, ITERS))
+        p16 = p50(s16, x, ITERS)
         ratio = fp32.stat().st_size / q.stat().st_size
         print(f"{item:<14} {p32:11.2f} {p8:11.2f} {p16:11.2f} {p32 / p8:13.2f}x {p32 / p16:13.2f}x {ratio:10.2f}", flush=True)
         if "--activations" in flags:  # why activation_type=uint8 is the default on this CPU
             q_s8 = int8(fp32, calib_batches(tensors, 100), quantize.QuantOptions(activation_type="int8"), "-s8act")
             s_s8 = open_session(str(q_s8), THREADS)
             bench.warm_up(s_s8, x, 10)
-            pu8, ps8 = alternate(ROUNDS, lambda: bench.measure_latency(s8, x, ITERS).p50_ms, lambda: bench.measure_latency(s_s8, x, ITERS).p50_ms)
+            pu8, ps8 = alternate(ROUNDS, lambda: p50(s8, x, ITERS), lambda: p50(s_s8, x, ITERS))
             print(f"{'':<14} activations uint8: {pu8:.2f} ms ({p32 / pu8:.2f}x), int8: {ps8:.2f} ms ({p32 / ps8:.2f}x)", flush=True)
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import alternate, calib_batches, exported, int8, tensors_for  # noqa: E402
+from bench.common import alternate, calib_batches, exported, int8, p50, tensors_for  # noqa: E402
 from ptq import bench  # noqa: E402
 from ptq.backends.ort import open_session  # noqa: E402
 from ptq.monitor import Monitor  # noqa: E402
@@ -37,11 +37,11 @@ def main() -> None:
         mon = Monitor(1.0, phases)
         mon.start()
         with phases("latency"):
-            p50 = bench.measure_latency(session, x, ITERS).p50_ms
+            median = p50(session, x, ITERS)
         mon.stop()
-        return p50
+        return median
 
-    on, off = alternate(ROUNDS, with_monitor, lambda: bench.measure_latency(session, x, ITERS).p50_ms)
+    on, off = alternate(ROUNDS, with_monitor, lambda: p50(session, x, ITERS))
     print(f"p50 latency lite0 int8: monitor on {on:.3f} ms, off {off:.3f} ms, ratio {on / off:.4f} (goal within 1 %)")
 
 

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import quant_pre_process, quantize_static
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import WORK, alternate, calib_batches, exported, int8, report, tensors_for  # noqa: E402
+from bench.common import WORK, alternate, calib_batches, exported, int8, p50, report, tensors_for  # noqa: E402
 from ptq import bench, export, quantize  # noqa: E402
 from ptq.backends.ort import open_session  # noqa: E402
 
@@ -31,7 +31,7 @@ def main() -> None:
     threads = 2 if len(sys.argv) < 2 else int(sys.argv[1])
     x = tensors.batch([0])
 
-    # 1. latency: ptq's Session + measure_latency vs a bare InferenceSession loop
+    # 1. latency: ptq's Session + timing loop vs a bare InferenceSession loop
     harness = open_session(str(model), threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -47,7 +47,7 @@ def main() -> None:
             samples[i] = time.perf_counter() - t0
         return float(np.median(samples) * 1e3)
 
-    ptq_p50, ref_p50 = alternate(ROUNDS, lambda: bench.measure_latency(harness, x, ITERS).p50_ms, bare_p50)
+    ptq_p50, ref_p50 = alternate(ROUNDS, lambda: p50(harness, x, ITERS), bare_p50)
     report("latency p50, lite0 int8, batch 1", ptq_p50, ref_p50, "ms", "<= 1.02")
 
     # 2. compression: ptq.quantize.to_int8 vs the two ORT calls it wraps, same model, data and options
