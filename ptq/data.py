@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +192,28 @@ class Tensors:
         return x
 
 
+def _write_cache(pix_path: Path, meta_path: Path, pixels: np.ndarray, meta: str) -> None:
+    """Keep decoded tensors for the next run. Only a cache: where the disk lacks room or a write fails, warn,
+    leave no partial file, and go on without it."""
+    tmp = pix_path.with_suffix(".tmp.npy")
+    try:
+        pix_path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(pix_path.parent).free
+        if free < pixels.nbytes + CACHE_HEADROOM_BYTES:
+            log.warning("not caching decoded images: %s has %d MB free, %d MB needed", pix_path.parent, free >> 20, (pixels.nbytes + CACHE_HEADROOM_BYTES) >> 20)
+            return
+        np.save(tmp, pixels)
+        os.replace(tmp, pix_path)
+        meta_path.write_text(meta)
+    except OSError as exc:
+        log.warning("not caching decoded images in %s (%s): the next run decodes them again", pix_path.parent, exc)
+        tmp.unlink(missing_ok=True)
+        pix_path.unlink(missing_ok=True)
+
+
+CACHE_HEADROOM_BYTES = 256 << 20  # never fill a disk to the last byte for a cache
+
+
 def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:
     """Decode every image once per (dataset content, transform); later runs read the cache and decode nothing."""
     key = f"{ds.content_hash}-{DECODE_VERSION}-{t.resize}-{t.crop}-{t.interpolation}"
@@ -219,9 +242,5 @@ def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:
         raise PtqError(
             f"none of the {len(ds.files)} images in data folder {ds.root} could be decoded: point data= at a folder of real JPEG/PNG images"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = pix_path.with_suffix(".tmp.npy")
-    np.save(tmp, pixels)
-    os.replace(tmp, pix_path)
-    meta_path.write_text(json.dumps({"root": str(ds.root), "transform": t.key(), "decode": DECODE_VERSION, "ok": ok.tolist()}))
+    _write_cache(pix_path, meta_path, pixels, json.dumps({"root": str(ds.root), "transform": t.key(), "decode": DECODE_VERSION, "ok": ok.tolist()}))
     return Tensors(pixels, ok, t, from_cache=False)

@@ -125,6 +125,17 @@ def select_store() -> str | None:
     return uri
 
 
+def local_artifact_dir(experiment: str) -> Path | None:
+    """Where a local store keeps the experiment's artifacts (MLflow's default: ./mlruns), or None for a server."""
+    uri = mlflow.get_tracking_uri()
+    if _is_server(uri):
+        return None
+    existing = MlflowClient().get_experiment_by_name(experiment)
+    location = existing.artifact_location if existing else "mlruns"
+    parsed = urllib.parse.urlparse(location)
+    return Path(parsed.path) if parsed.scheme in ("file", "") else None
+
+
 def under_mlflow_run() -> bool:
     """True inside `mlflow run`, whose project run (MLFLOW_RUN_ID) is adopted rather than a new one opened
     in an experiment of ptq's choosing (MLflow refuses a run outside the experiment it was started in)."""
@@ -383,10 +394,10 @@ class Recorder:
         try:
             self.client.log_text(self.run_id, text, name)
         except OSError:
-            uri = self.client.get_run(self.run_id).info.artifact_uri
-            if not uri.startswith("file:"):
+            uri = urllib.parse.urlparse(self.client.get_run(self.run_id).info.artifact_uri)
+            if uri.scheme not in ("file", ""):
                 raise
-            target = Path(urllib.parse.urlparse(uri).path) / name
+            target = Path(uri.path) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
 

@@ -175,3 +175,66 @@ def test_read_only_user_is_refused_in_one_line_before_work(small_dir: Path, tmp_
         finally:
             for key in admin:
                 os.environ.pop(key)
+
+
+def test_a_disk_without_room_for_the_run_is_refused_before_work(small_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil as real_shutil
+
+    from ptq import disk
+    from ptq.errors import PtqError
+
+    usage = real_shutil.disk_usage("/")
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda _path: usage._replace(free=30 << 20))
+    with pytest.raises(PtqError, match=r"not enough free disk space for this run in .*: 30 MB free, about \d+ MB needed: free some space, or set TMPDIR"):
+        pipeline.run(RunConfig(model="mob-s", weights="random", precision="int8", data=small_dir, progress=False))
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(small_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from ptq import data
+
+    def full(path: object, _array: object) -> None:
+        Path(str(path)).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("PTQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data.np, "save", full)
+    run_id = pipeline.run(RunConfig(model="mob-s", weights="random", precision="fp32", data=small_dir, calib_size=4, eval_size=4, min_queries=2,
+                                    min_duration_s=0, blocks=2, warmup=0, monitor=False, progress=False))
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    assert "not caching decoded images" in caplog.text and "No space left on device" in caplog.text
+    assert not list((tmp_path / "cache" / "tensors").iterdir())  # no partial file left
+
+
+def test_error_txt_is_written_even_where_the_temp_dir_is_full(small_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("evaluation exploded")
+
+    def temp_full(self: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench, "evaluate", broken)
+    monkeypatch.setattr(MlflowClient, "log_text", temp_full)
+    with pytest.raises(RuntimeError, match="evaluation exploded"):
+        pipeline.run(RunConfig(model="lite0", precision="fp32", data=small_dir, calib_size=4, eval_size=8, min_queries=2, min_duration_s=0,
+                               blocks=2, warmup=0, monitor=False, progress=False))
+    run = mlflow.search_runs(search_all_experiments=True).iloc[0]
+    assert run.status == "FAILED"
+    text = Path(mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="error.txt")).read_text()
+    assert "RuntimeError: evaluation exploded" in text
+
+
+def test_an_offline_run_left_running_by_a_dead_process_is_uploaded_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PTQ_CACHE_DIR", str(tmp_path / "cache"))
+    dead = subprocess.run([sys.executable, "-c", "from ptq import tracking; print(tracking.process_id())"], capture_output=True, text=True, check=True).stdout.strip()
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as uri:
+        tracking.ready_store(tracking.offline_uri())
+        offline = MlflowClient(tracking.offline_uri())
+        stale = offline.create_run(offline.create_experiment("ptq", artifact_location=(tmp_path / "art").as_uri()), tags={
+            "ptq.process": dead, "device.machine_id": tracking.machine_id(), "ptq.sync_target": uri}).info.run_id
+        offline.log_metric(stale, "size/fp32_bytes", 1.0)
+        assert sync.sync().uploaded == [stale]
+        server = MlflowClient(uri)
+        uploaded = server.search_runs([server.get_experiment_by_name("ptq").experiment_id])[0]  # type: ignore[union-attr]
+        assert uploaded.info.status == "KILLED" and "ended without closing the run" in uploaded.data.tags["ptq.error"]
+        assert uploaded.data.metrics["size/fp32_bytes"] == 1.0
