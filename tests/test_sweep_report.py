@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ptq import pipeline, report, sweep
+from ptq import bench, pipeline, report, sweep
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 
@@ -24,25 +25,28 @@ def children(experiment: str = "ptq") -> pd.DataFrame:
     return runs[runs["tags.mlflow.parentRunId"].notna()]
 
 
-def test_sweep_interrupted_then_resumed_leaves_no_duplicates(small_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def ctrl_c_while_timing_int8(job: sweep.ChildJob) -> str:
+    """In the child process: Ctrl-C at a terminal while int8 is timed, which reaches the sweep and its child alike."""
+    if job.cfg.precision == "int8":
+
+        def ctrl_c(*_: object, **__: object) -> None:
+            os.kill(os.getppid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        bench.time_blocks = ctrl_c  # type: ignore[assignment]
+    return sweep.run_child(job)
+
+
+def test_sweep_interrupted_then_resumed_leaves_no_duplicates(small_dir: Path) -> None:
     base = RunConfig(model="mob-s", data=small_dir, **BASE)  # type: ignore[arg-type]
-    real_run = pipeline.run
-    calls = {"n": 0}
-
-    def interrupt_third(cfg: RunConfig, tags: dict[str, str] | None = None) -> str:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the grid
-        return real_run(cfg, tags)
-
-    monkeypatch.setattr(pipeline, "run", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep("t", base, ["mob-s"], ["fp32", "fp16", "int8"])
-    assert len(children()) == 2
+        sweep.run_sweep("t", base, ["mob-s"], ["fp32", "fp16", "int8"], target=ctrl_c_while_timing_int8)
+    interrupted = children()
+    assert sorted(interrupted["status"]) == ["FINISHED", "FINISHED", "KILLED"]  # the int8 run, stopped mid-run, ends KILLED
+    assert interrupted[interrupted["status"] == "KILLED"].iloc[0]["tags.ptq.error"] == "KeyboardInterrupt"
     runs = mlflow.search_runs(experiment_names=["ptq"])
     parent = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[0]
     assert parent.status == "KILLED" and parent["metrics.sweep/finished"] == 2  # Ctrl-C, not a failure
-    monkeypatch.setattr(pipeline, "run", real_run)
 
     result = sweep.run_sweep("t", base, ["mob-s"], ["fp32", "fp16", "int8"])
     assert len(result.skipped) == 2 and len(result.passed) == 1 and not result.failed
@@ -55,22 +59,25 @@ def test_sweep_interrupted_then_resumed_leaves_no_duplicates(small_dir: Path, mo
     assert parent.data.metrics["sweep/finished"] == 3 and parent.data.metrics["sweep/failed"] == 0
 
 
-def test_failed_combination_does_not_stop_the_others_and_is_rerun(small_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def fail_fp16(job: sweep.ChildJob) -> str:
+    """In the child process: the fp16 run raises while it is timed."""
+    if job.cfg.precision == "fp16":
+
+        def crash(*_: object, **__: object) -> None:
+            raise RuntimeError("simulated crash")
+
+        bench.time_blocks = crash  # type: ignore[assignment]
+    return sweep.run_child(job)
+
+
+def test_failed_combination_does_not_stop_the_others_and_is_rerun(small_dir: Path) -> None:
     base = RunConfig(model="mob-s", data=small_dir, **BASE)  # type: ignore[arg-type]
-    real_run = pipeline.run
-
-    def fail_fp16(cfg: RunConfig, tags: dict[str, str] | None = None) -> str:
-        if cfg.precision == "fp16":
-            with mlflow.start_run(nested=True, tags=tags):
-                raise RuntimeError("simulated crash")
-        return real_run(cfg, tags)
-
-    monkeypatch.setattr(pipeline, "run", fail_fp16)
-    first = sweep.run_sweep("f", base, ["mob-s"], ["fp32", "fp16"])
-    assert first.failed == ["mob-s/fp16/ort/minmax"] and len(first.passed) == 1
-    assert "FAILED" in set(children()["status"])
-    monkeypatch.setattr(pipeline, "run", real_run)
-    second = sweep.run_sweep("f", base, ["mob-s"], ["fp32", "fp16"])
+    first = sweep.run_sweep("f", base, ["mob-s"], ["fp16", "fp32"], target=fail_fp16)
+    assert first.failed == ["mob-s/fp16/ort/minmax"] and first.passed == ["mob-s/fp32/ort/minmax"]
+    failed = children()
+    failed = failed[failed["status"] == "FAILED"].iloc[0]
+    assert failed["tags.ptq.error"] == "RuntimeError: simulated crash"
+    second = sweep.run_sweep("f", base, ["mob-s"], ["fp16", "fp32"])
     assert second.passed == ["mob-s/fp16/ort/minmax"] and len(second.skipped) == 1
     runs = children()
     assert len(runs) == 2 and (runs["status"] == "FINISHED").all()  # the failed attempt was superseded
