@@ -445,7 +445,8 @@ def run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, 
             experiment = client.get_experiment(experiment_id).name
         else:
             experiment_id = client.get_run(parent).info.experiment_id if parent else set_experiment(experiment)
-            run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+            owner = {PROCESS_TAG: process_id(), "device.machine_id": machine_id()}  # from the first moment: closable if we die
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=owner).info.run_id
         close_stale_runs(client, [experiment_id])
         rec = Recorder(client, run_id, experiment, run_name)
         run_tags = {**fingerprint(), **offline_tags(), **tags, PROCESS_TAG: process_id()}
