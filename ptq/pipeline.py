@@ -144,6 +144,7 @@ def _execute(
         if monitor:
             monitor.count_images(f"{prefix}latency", len(lat.ms) * cfg.batch_size)
         rec.metrics(lat.metrics(prefix))
+    rec.tags({"ptq.latency_stability": _stability(latency)})
     mine = latency[""]
     p50, _, p99 = mine.percentiles()
     rec.metrics({"latency/queries": len(mine.ms), "latency/blocks": len(np.unique(mine.block)), "latency/seconds": mine.seconds})
@@ -170,6 +171,21 @@ def _execute(
         summary.update({"top-1": acc.top1, "fp32 top-1": reference.top1, "top-1 drop (points)": drop})
     del sessions, session
     _log_summary(rec, cfg, phases, fp32_path, compressed, summary)
+
+
+UNSTABLE_SPREAD_PCT = 5.0  # per-block p50s straying more than this: the machine's speed changed during the run
+
+
+def _stability(latency: dict[str, bench.Latency]) -> str:
+    """'stable', or why not: a block-to-block spread of a p50 above UNSTABLE_SPREAD_PCT means the machine changed
+    speed while it was timed (other load, clocks, heat), which a rerun may not repeat."""
+    spreads = {prefix or "model": lat.block_p50_spread_pct() for prefix, lat in latency.items()}
+    high = {k.rstrip("_"): v for k, v in spreads.items() if v > UNSTABLE_SPREAD_PCT}
+    if not high:
+        return "stable"
+    note = "unstable: per-block p50 spread " + ", ".join(f"{k} {v:.1f} %" for k, v in high.items())
+    log.warning("latency %s (over %g %%): the machine changed speed while timing; rerun on a quiet machine or with locked clocks", note, UNSTABLE_SPREAD_PCT)
+    return note
 
 
 def _log_speedup(rec: tracking.Recorder, cfg: RunConfig, reference: bench.Latency, model: bench.Latency) -> dict[str, float]:

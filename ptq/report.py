@@ -46,6 +46,7 @@ COLUMNS = {
     "latency_gpu_util_pct": "metrics.phase/latency/gpu_util_pct_mean",
     "p50_ms": "metrics.latency/p50_ms",
     "p99_ms": "metrics.latency/p99_ms",
+    "latency_stability": "tags.ptq.latency_stability",
     "block_spread_pct": "metrics.latency/block_p50_spread_pct",
     "fp32_block_spread_pct": "metrics.latency/fp32_block_p50_spread_pct",
     "img_s": "metrics.throughput/img_s",

@@ -106,3 +106,13 @@ def test_speedup_interval_resamples_rounds_and_sees_drift() -> None:
     low, high = bench.speedup_ci(reference, drifting)
     assert low == pytest.approx(10 / 6) and high == pytest.approx(10 / 4)
     assert drifting.block_p50_spread_pct() == pytest.approx(100 * np.std([4.0, 6.0] * 5, ddof=1) / 5.0)
+
+
+def test_latency_stability_flags_a_machine_that_changed_speed() -> None:
+    from ptq.pipeline import _stability
+
+    block = np.repeat(np.arange(4), 10)
+    steady = bench.Latency(np.full(40, 2.0), block, 1.0, 1)
+    flipped = bench.Latency(np.where(block < 2, 5.0, 7.5), block, 1.0, 1)  # fp32 went from 5 to 7.5 ms halfway
+    assert _stability({"": steady, "fp32_": steady}) == "stable"
+    assert _stability({"": steady, "fp32_": flipped}) == f"unstable: per-block p50 spread fp32 {flipped.block_p50_spread_pct():.1f} %"
