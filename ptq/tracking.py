@@ -355,6 +355,10 @@ class Recorder:
         """Log text as the artifact `name`."""
         self._write("text", text, name)
 
+    def table(self, data: dict[str, list[Any]], name: str) -> None:
+        """Log a table (column -> values) as a JSON artifact that MLflow's UI renders (`log_table`)."""
+        self._write("table", data, name)
+
     def end(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
         self._write("end", status)
@@ -386,6 +390,8 @@ class Recorder:
             client.log_artifact(run_id, args[0], args[1])
         elif kind == "text":
             self._log_text(*args)
+        elif kind == "table":
+            client.log_table(run_id, data=args[0], artifact_file=args[1])
         elif kind == "end":
             client.set_terminated(run_id, args[0])
 
