@@ -15,6 +15,8 @@ experiment = sys.argv[1] if len(sys.argv) > 1 else "ptq"
 out = sys.argv[2] if len(sys.argv) > 2 else "speedup_vs_drop.png"
 
 runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED' and params.precision = 'int8'")
+if "metrics.speedup/p50" not in runs or runs["metrics.speedup/p50"].isna().all():
+    sys.exit(f"no finished INT8 run with a speed-up in experiment {experiment!r} of {mlflow.get_tracking_uri()}: run the README's main command first")
 runs = runs.dropna(subset=["metrics.speedup/p50"])
 cols = ["tags.device.name", "params.model", "params.weights", "metrics.speedup/p50", "metrics.acc/top1_drop_pt", "metrics.latency/p50_ms"]
 table = runs.reindex(columns=cols).rename(columns=lambda c: c.split(".", 1)[1])

@@ -47,6 +47,13 @@ def evaluate(
     return Accuracy(float(hit1.mean()), float(hit5.mean()), top5, labels)
 
 
+def mcnemar_p(correct: np.ndarray, fp32_correct: np.ndarray) -> float:
+    """Exact McNemar p-value for FP32 vs compressed top-1 on the same images (a binomial test on the discordant pairs)."""
+    b = int((fp32_correct & ~correct).sum())
+    c = int((~fp32_correct & correct).sum())
+    return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
+
+
 @dataclass(frozen=True)
 class LatencyMethod:
     """How latency is timed: LoadGen's single stream with a minimum query count *and* a minimum duration,

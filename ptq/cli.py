@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ptq import models, pipeline
+from ptq import models, pipeline, summary, tracking
 from ptq import report as reports
 from ptq import sweep as sweeps
 from ptq import sync as syncs
@@ -115,7 +115,10 @@ def run(
     cfg = _config(model, precision, backend, calib_method, options)
     with _stopped_by_signal(), _stdout_to_stderr() as stdout:
         run_id = pipeline.run(cfg)
-        console.print(f"[green]run {run_id} finished[/green]: see `mlflow ui` or mlflow.search_runs()")
+        stored = tracking.stored_run(run_id)
+        pairs = summary.rows(stored.data.params, stored.data.tags, stored.data.metrics)
+        console.print(summary.table(f"run {run_id} FINISHED", pairs))
+        console.print(f"open it: {tracking.where_to_look(stored)}", soft_wrap=True, highlight=False)
         print(run_id, file=stdout, flush=True)
 
 
@@ -174,6 +177,10 @@ def sweep(
     base = _config(grid_models[0] if grid_models else "", "fp32", "ort", methods[0], options)
     with _stopped_by_signal(), _stdout_to_stderr():
         result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), methods)
+    table = Table(*summary.SWEEP_COLUMNS, title=f"sweep {result.parent_run_id}", title_justify="left")
+    for child in tracking.child_runs(result.parent_run_id):
+        table.add_row(*summary.sweep_row(child.data.params, child.data.metrics, child.info.status))
+    console.print(table)
     console.print(
         f"sweep run {result.parent_run_id}: {len(result.passed)} ran, {len(result.skipped)} already finished, {len(result.failed)} failed"
         + (f" ({', '.join(result.failed)})" if result.failed else "")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptq import bench, data, disk, export, models, quantize, tracking
+from ptq import bench, data, disk, export, models, quantize, summary, tracking
 from ptq.backends import Backend, Compressed, CompressJob, get_backend
 from ptq.config import RunConfig
 from ptq.monitor import Monitor
@@ -74,6 +74,7 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
                     if not failed:
                         raise
                     log.warning("the monitor's data could not be logged (%s); the run's own error follows", exc)
+        _log_summary(rec, cfg)
         return rec.run_id
 
 
@@ -146,11 +147,9 @@ def _execute(
         rec.metrics(lat.metrics(prefix))
     rec.tags({"ptq.latency_stability": _stability(latency)})
     mine = latency[""]
-    p50, _, p99 = mine.percentiles()
     rec.metrics({"latency/queries": len(mine.ms), "latency/blocks": len(np.unique(mine.block)), "latency/seconds": mine.seconds})
-    summary = {"latency p50 (ms)": p50, "latency p99 (ms)": p99, "throughput (img/s)": mine.batch_size * len(mine.ms) / mine.seconds}
     if "fp32_" in latency:
-        summary.update(_log_speedup(rec, cfg, latency["fp32_"], mine))
+        _log_speedup(rec, cfg, latency["fp32_"], mine)
     _log_latency_samples(rec, work, cfg.precision, latency)
 
     if cfg.weights == "pretrained" and eval_idx:
@@ -165,12 +164,12 @@ def _execute(
         acc, reference = accuracy[""], accuracy.get("fp32_", accuracy[""])
         drop = 100 * (reference.top1 - acc.top1)
         rec.metrics({"acc/top1_drop_pt": drop, "acc/top5_drop_pt": 100 * (reference.top5 - acc.top5)})
-        if "fp32_" not in accuracy:  # an fp32 run is its own reference
+        if "fp32_" in accuracy:
+            rec.metrics({"acc/top1_drop_p": bench.mcnemar_p(acc.top5_pred[:, 0] == labels, reference.top5_pred[:, 0] == labels)})
+        else:  # an fp32 run is its own reference
             rec.metrics({"acc/fp32_top1": acc.top1, "acc/fp32_top5": acc.top5})
         _log_predictions(rec, work, dataset, eval_idx, acc, reference)
-        summary.update({"top-1": acc.top1, "fp32 top-1": reference.top1, "top-1 drop (points)": drop})
     del sessions, session
-    _log_summary(rec, cfg, phases, fp32_path, compressed, summary)
 
 
 UNSTABLE_SPREAD_PCT = 5.0  # per-block p50s straying more than this: the machine's speed changed during the run
@@ -188,7 +187,7 @@ def _stability(latency: dict[str, bench.Latency]) -> str:
     return note
 
 
-def _log_speedup(rec: tracking.Recorder, cfg: RunConfig, reference: bench.Latency, model: bench.Latency) -> dict[str, float]:
+def _log_speedup(rec: tracking.Recorder, cfg: RunConfig, reference: bench.Latency, model: bench.Latency) -> None:
     """p50 speed-up over FP32 with its block-bootstrap 95 % interval; warns where compression made it slower."""
     speedup = reference.percentiles()[0] / model.percentiles()[0]
     low, high = bench.speedup_ci(reference, model)
@@ -197,7 +196,6 @@ def _log_speedup(rec: tracking.Recorder, cfg: RunConfig, reference: bench.Latenc
         note = f"{cfg.precision} is slower than fp32 here: {speedup:.2f}x the fp32 speed at batch {cfg.batch_size} (95 % CI {low:.2f}-{high:.2f})"
         log.warning(note)
         rec.tags({"ptq.warning": note})
-    return {"speed-up over fp32 (p50)": speedup, "speed-up 95 % CI low": low, "speed-up 95 % CI high": high}
 
 
 def _log_compression(rec: tracking.Recorder, phases: Phases, fp32_path: Path, compressed: Compressed) -> None:
@@ -245,21 +243,16 @@ def _log_predictions(rec: tracking.Recorder, work: Path, dataset: data.Dataset, 
     rec.artifact(path)
 
 
-def _log_summary(rec: tracking.Recorder, cfg: RunConfig, phases: Phases, fp32_path: Path, compressed: Compressed, summary: dict[str, float]) -> None:
-    lines = [
-        f"# {cfg.model} {cfg.precision} on {cfg.backend} (weights={cfg.weights})",
-        "",
-        "| quantity | value |",
-        "|---|---|",
-        f"| size fp32 → {cfg.precision} (MB) | {fp32_path.stat().st_size / 1e6:.2f} → {compressed.path.stat().st_size / 1e6:.2f} |",
-    ]
-    lines += [f"| {phase} (s) | {secs:.2f} |" for phase, secs in phases.seconds.items()]
-    lines += [f"| {k} | {v:.4g} |" for k, v in summary.items()]
+def _log_summary(rec: tracking.Recorder, cfg: RunConfig) -> None:
+    """The headline, read back from what the run logged, as `summary.md` and as the run's description (the
+    first thing its page in the MLflow UI shows)."""
+    run = rec.snapshot()
     m = cfg.latency()
-    lines += [
-        "",
+    method = (
         f"Latency: batch {m.batch_size}, {cfg.threads_used} threads, {m.warmup} warm-up queries per model, then blocks of "
         f"{m.block_queries} queries alternating with the FP32 reference until each model had at least {m.blocks} blocks, "
-        f"{m.min_queries} queries and {m.min_duration_s:g} s.",
-    ]
-    rec.text("\n".join(lines) + "\n", "summary.md")
+        f"{m.min_queries} queries and {m.min_duration_s:g} s."
+    )
+    text = summary.markdown(f"ptq run {rec.run_id}", summary.rows(run.data.params, run.data.tags, run.data.metrics)) + "\n" + method + "\n"
+    rec.text(text, "summary.md")
+    rec.tags({"mlflow.note.content": text})

@@ -23,7 +23,7 @@ from typing import Any
 
 import mlflow
 import psutil
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from ptq.errors import PtqError
@@ -134,6 +134,28 @@ def local_artifact_dir(experiment: str) -> Path | None:
     location = existing.artifact_location if existing else "mlruns"
     parsed = urllib.parse.urlparse(location)
     return Path(parsed.path) if parsed.scheme in ("file", "") else None
+
+
+def stored_run(run_id: str) -> Run:
+    """A run as the store has it now (this process's store: the offline one if the server was lost)."""
+    return MlflowClient().get_run(run_id)
+
+
+def child_runs(parent_run_id: str) -> list[Run]:
+    """A sweep's child runs, oldest first."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    return list(client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=10000))
+
+
+def where_to_look(run: Run) -> str:
+    """How to open a run: its page on a server, or the `mlflow ui` command for a local store."""
+    uri = mlflow.get_tracking_uri()
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    if _is_server(uri):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}  →  http://127.0.0.1:5000/{page}"
 
 
 def under_mlflow_run() -> bool:
@@ -363,6 +385,16 @@ class Recorder:
         """Close the run as FINISHED, FAILED or KILLED."""
         self._write("end", status)
 
+    def snapshot(self) -> Run:
+        """The run as stored so far (params, tags, latest metrics)."""
+        try:
+            return self.client.get_run(self.run_id)
+        except PtqError:
+            raise
+        except Exception:
+            self._recover()
+            return self.client.get_run(self.run_id)
+
     def _write(self, kind: str, *args: Any) -> None:
         self.journal.append((kind, args))
         try:
@@ -370,10 +402,14 @@ class Recorder:
         except PtqError:
             raise
         except Exception:
-            uri = str(self.client.tracking_uri)
-            if not _is_server(uri) or not (why := probe(uri)):
-                raise
-            self._fail_over(uri, why)
+            self._recover()
+
+    def _recover(self) -> None:
+        """After a failed call: fail over to the offline store if the server is lost, else re-raise."""
+        uri = str(self.client.tracking_uri)
+        if not _is_server(uri) or not (why := probe(uri)):
+            raise
+        self._fail_over(uri, why)
 
     def _apply(self, kind: str, args: tuple[Any, ...]) -> None:
         client, run_id = self.client, self.run_id
