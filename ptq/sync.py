@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from ptq import tracking
@@ -34,8 +36,9 @@ def _chunks(items: list, size: int) -> list[list]:  # type: ignore[type-arg]
 
 
 def sync(target: str | None = None) -> SyncResult:
-    """Copy every finished offline run (params, tags, metric histories with steps and timestamps, artifacts,
-    status and times) to `target` or the server it was meant for; a run already there is never copied twice."""
+    """Copy every finished offline run (params, tags, logged models, metric histories with steps, timestamps and
+    model links, artifacts, status and times) to `target` or the server it was meant for; a run already there is
+    never copied twice."""
     result = SyncResult()
     configured = target or mlflow.get_tracking_uri()
     if configured.startswith(("http://", "https://")):
@@ -66,6 +69,8 @@ def sync(target: str | None = None) -> SyncResult:
             earlier = remote.search_runs([exp_id], f"tags.`{SOURCE_TAG}` = '{rid}'")
             done = [r for r in earlier if r.info.status != "RUNNING"]
             for cut_off in (r for r in earlier if r.info.status == "RUNNING" and r.info.run_id != tags.get(tracking.PARTIAL_TAG)):
+                for model in _models(remote, exp_id, cut_off.info.run_id):
+                    remote.delete_logged_model(model.model_id)
                 remote.delete_run(cut_off.info.run_id)  # a copy whose sync was cut off midway
             new_id = done[0].info.run_id if done else _copy(local, remote, run, exp_id, remote_ids)
             local.set_tag(rid, SYNCED_TAG, new_id)
@@ -84,6 +89,44 @@ def _server_run(remote: MlflowClient, run_id: str | None) -> Run | None:
         return None
 
 
+def _models(client: MlflowClient, experiment_id: str, run_id: str) -> list[LoggedModel]:
+    """The logged models that run `run_id` produced."""
+    return list(client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'", max_results=1000))
+
+
+def _upload_model(remote: MlflowClient, model: LoggedModel, exp_id: str, run_id: str) -> str:
+    """Copy an offline logged model (name, type, params, tags, files) to the server as an output of `run_id`; its id there."""
+    new = remote.create_logged_model(exp_id, model.name, run_id, model.tags, model.params, model.model_type)
+    with tempfile.TemporaryDirectory(prefix="ptq-sync-") as tmp:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=tmp))
+        meta = Model.load(str(folder))  # it names the offline ids and location: name the server's
+        meta.run_id, meta.artifact_path, meta.model_uuid, meta.model_id = run_id, new.artifact_location, new.model_id, new.model_id
+        meta.save(str(folder / "MLmodel"))
+        remote.log_model_artifacts(new.model_id, str(folder))
+    remote.finalize_logged_model(new.model_id, LoggedModelStatus.READY)
+    remote.log_outputs(run_id, [LoggedModelOutput(new.model_id, step=0)])
+    return new.model_id
+
+
+def _copy_models(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, new_id: str, partial: bool) -> dict[tuple[str, int, int, float], str]:
+    """Upload the offline run's finished logged models to server run `new_id`, and return the server model each
+    linked metric point (key, timestamp, step, value) belongs to. Completing a server run lost mid-run keeps the
+    models it finished before the loss (by name) and drops those it left unfinished."""
+    have: dict[str, str] = {}
+    for model in _models(remote, exp_id, new_id) if partial else []:
+        if model.status == LoggedModelStatus.READY:
+            have[model.name] = model.model_id
+        else:
+            remote.delete_logged_model(model.model_id)
+    links = {}
+    for model in _models(local, run.info.experiment_id, run.info.run_id):
+        if model.status != LoggedModelStatus.READY:
+            continue
+        server_id = have.get(model.name) or _upload_model(remote, model, exp_id, new_id)
+        links.update({(m.key, m.timestamp, m.step, m.value): server_id for m in model.metrics or []})
+    return links
+
+
 def _copy(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, remote_ids: dict[str, str]) -> str:
     """Upload an offline run; one that continues a server run lost mid-run (tag ptq.partial_of) completes that
     run, adding only what the server does not have yet."""
@@ -99,10 +142,15 @@ def _copy(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, remo
     remote.log_batch(new_id, tags=[RunTag(k, v) for k, v in {**tags, SOURCE_TAG: rid}.items()])
     for batch in _chunks([Param(k, v) for k, v in run.data.params.items() if k not in have_params], 100):
         remote.log_batch(new_id, params=batch)
+    links = _copy_models(local, remote, run, exp_id, new_id, partial is not None)
     metrics = []
     for key in run.data.metrics:
         there = {(m.step, m.timestamp, m.value) for m in remote.get_metric_history(new_id, key)} if partial else set()
-        metrics += [Metric(m.key, m.value, m.timestamp, m.step) for m in local.get_metric_history(rid, key) if (m.step, m.timestamp, m.value) not in there]
+        metrics += [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=links.get((m.key, m.timestamp, m.step, m.value)))
+            for m in local.get_metric_history(rid, key)
+            if (m.step, m.timestamp, m.value) not in there
+        ]
     for batch in _chunks(metrics, 1000):
         remote.log_batch(new_id, metrics=batch)
     with tempfile.TemporaryDirectory(prefix="ptq-sync-") as tmp:

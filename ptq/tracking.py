@@ -9,22 +9,29 @@ import logging
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import traceback
 import urllib.parse
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.onnx
+import numpy as np
+import onnx
 import psutil
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, Run, RunTag
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 
 from ptq.errors import PtqError
 
@@ -343,6 +350,24 @@ def close_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[st
     return closed
 
 
+def _onnx_signature(model: onnx.ModelProto) -> ModelSignature:
+    """The graph's input and output tensors (symbolic dims as -1): pyfunc checks what it is fed against them,
+    without the megabytes of JSON an input example of one image would add to every model."""
+
+    def schema(values: Any) -> Schema:
+        return Schema([
+            TensorSpec(
+                np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+                tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim),
+                v.name,
+            )
+            for v in values
+        ])
+
+    weights = {w.name for w in model.graph.initializer}
+    return ModelSignature(schema([v for v in model.graph.input if v.name not in weights]), schema(model.graph.output))
+
+
 class Recorder:
     """The writer of one run: every param, tag, metric and artifact goes through it as soon as it exists.
     It keeps a journal, so that when the tracking server is lost mid-run the run goes on in the offline store
@@ -351,6 +376,9 @@ class Recorder:
     def __init__(self, client: MlflowClient, run_id: str, experiment: str, run_name: str) -> None:
         self.client, self.run_id, self.experiment, self.run_name = client, run_id, experiment, run_name
         self.journal: list[tuple[str, tuple[Any, ...]]] = []
+        self.model_ids: dict[str, str] = {}  # model name -> its id in the current store
+        self._names: dict[str, str] = {}  # every id a model had (on the server, then offline) -> its name
+        self._linked: str | None = None  # the model whose id metrics() carries
 
     def params(self, params: dict[str, str]) -> None:
         """Log params (strings)."""
@@ -367,7 +395,7 @@ class Recorder:
 
     def series(self, points: list[tuple[str, float, int, int]]) -> None:
         """Log time-series points (metric, value, timestamp in ms, step) with their own timestamps and steps."""
-        self._write("metrics", [Metric(key, value, ts, step) for key, value, ts, step in points])
+        self._write("series", [Metric(key, value, ts, step) for key, value, ts, step in points])
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         """Log a file (it must exist until the run ends: a failover uploads it again)."""
@@ -380,6 +408,18 @@ class Recorder:
     def table(self, data: dict[str, list[Any]], name: str) -> None:
         """Log a table (column -> values) as a JSON artifact that MLflow's UI renders (`log_table`)."""
         self._write("table", data, name)
+
+    def model(self, path: Path, name: str, model_type: str, params: dict[str, str], tags: dict[str, str], files: tuple[Path, ...] = ()) -> str:
+        """Log `path` as a LoggedModel `name` of this run (its "Logged models" tab) and return its id. An .onnx file
+        becomes an `mlflow.onnx` model that `mlflow.pyfunc.load_model("models:/<id>")` runs; any other file (an
+        engine, a state dict) is stored as it is. `files` (metadata, calibration) go with it; like `log_model`, it
+        carries the run's params, `params` overriding them. The files must exist until the run ends: a failover logs it again."""
+        self._write("model", path, name, model_type, params, tags, files)
+        return self.model_ids[name]
+
+    def link_metrics(self, model_id: str) -> None:
+        """Make later `metrics` (not `series`) carry the model `model_id`, so MLflow's model views show and compare them."""
+        self._write("link", self._names[model_id])
 
     def end(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
@@ -419,17 +459,58 @@ class Recorder:
         elif kind == "tags":
             for i in range(0, len(args[0]), 100):
                 client.log_batch(run_id, tags=args[0][i : i + 100])
-        elif kind == "metrics":
-            for i in range(0, len(args[0]), 1000):
-                client.log_batch(run_id, metrics=args[0][i : i + 1000])
+        elif kind in ("metrics", "series"):
+            metrics = args[0]
+            if kind == "metrics" and self._linked:
+                model_id = self.model_ids[self._linked]
+                metrics = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in metrics]
+            for i in range(0, len(metrics), 1000):
+                client.log_batch(run_id, metrics=metrics[i : i + 1000])
         elif kind == "artifact":
             client.log_artifact(run_id, args[0], args[1])
         elif kind == "text":
             self._log_text(*args)
         elif kind == "table":
             client.log_table(run_id, data=args[0], artifact_file=args[1])
+        elif kind == "model":
+            self._log_model(*args)
+        elif kind == "link":
+            self._linked = args[0]
         elif kind == "end":
             client.set_terminated(run_id, args[0])
+
+    def _log_model(self, path: Path, name: str, model_type: str, params: dict[str, str], tags: dict[str, str], files: tuple[Path, ...]) -> None:
+        """What `mlflow.onnx.log_model` does, through this Recorder's client alone: no fluent run is started or used
+        (a sweep's parent may be active), the active experiment is neither read nor changed, and no metric the
+        run already has is linked to the model behind the caller's back."""
+        run = self.client.get_run(self.run_id)
+        model = self.client.create_logged_model(run.info.experiment_id, name, self.run_id, tags, {**run.data.params, **params}, model_type)
+        try:
+            with tempfile.TemporaryDirectory(prefix="ptq-model-") as tmp:
+                folder = Path(tmp) / "model"
+                meta = Model(artifact_path=model.artifact_location, run_id=self.run_id, model_uuid=model.model_id, model_id=model.model_id)
+                if path.suffix == ".onnx":
+                    proto = onnx.load(str(path))
+                    mlflow.onnx.save_model(
+                        proto, str(folder), mlflow_model=meta, signature=_onnx_signature(proto),
+                        pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # else MLflow loads the model in a subprocess to infer them
+                        onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False, extra_files=[str(f) for f in files],
+                    )
+                else:
+                    folder.mkdir()
+                    for f in (path, *files):
+                        shutil.copyfile(f, folder / f.name)
+                    meta.add_flavor(model_type, data=path.name)
+                    meta.save(str(folder / "MLmodel"))
+                self.client.log_model_artifacts(model.model_id, str(folder))
+        except BaseException:
+            with suppress(Exception):  # the server may be gone: the caller's error matters, not this one
+                self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+        self.model_ids[name] = model.model_id
+        self._names[model.model_id] = name
 
     def _log_text(self, text: str, name: str) -> None:
         """MLflow stages text in the temp dir: where that is full, write straight into a local artifact folder."""
@@ -454,6 +535,7 @@ class Recorder:
         self.client = MlflowClient(offline_uri())
         tags = {"ptq.sync_target": server, PARTIAL_TAG: server_run}
         self.run_id = self.client.create_run(set_experiment(self.experiment), run_name=self.run_name, tags=tags).info.run_id
+        self._linked = None  # the journal links again, to the models it logs again
         for kind, args in self.journal:
             self._apply(kind, args)
 
