@@ -15,6 +15,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,37 @@ from ptq.phases import Phases
 log = logging.getLogger(__name__)
 
 BETWEEN = "idle"  # label for time outside any phase
+MB = 1e6  # bytes in a megabyte, as MLflow's own system metrics count them
+
+# The series' names. MLflow's System metrics tab shows exactly the metrics under `system/`; where MLflow's own
+# sampler (mlflow/system_metrics/metrics/*.py) measures the same quantity ptq uses its name and definition,
+# and ptq's other quantities stand beside them in the same style, with the unit in the name.
+CPU = "system/cpu_utilization_percentage"  # MLflow's: the whole machine, 100 = every core busy
+CPU_CORE = "system/cpu_{}_utilization_percentage"  # core i (from 0), 100 = that core busy
+MEMORY = "system/system_memory_usage_megabytes"  # MLflow's: psutil's `used`
+MEMORY_PCT = "system/system_memory_usage_percentage"  # MLflow's: used / total
+SWAP = "system/swap_usage_megabytes"
+DISK_READ = "system/disk_read_megabytes_per_second"
+DISK_WRITE = "system/disk_write_megabytes_per_second"
+PROCESS_CPU = "system/ptq_process_cpu_percentage"  # ptq's process, % of the whole machine like CPU
+PROCESS_RSS = "system/ptq_process_rss_megabytes"
+PROCESS_RSS_PEAK = "system/ptq_process_rss_peak_megabytes"  # the process's high-water mark since it started
+PROCESS_THREADS = "system/ptq_process_threads"
+PHASE_INDEX = "system/ptq_phase_index"  # the sample's phase, as its row in the phases table (Monitor.phase_rows)
+GPU_UTIL = "system/gpu_0_utilization_percentage"  # MLflow's
+GPU_MEMORY = "system/gpu_0_memory_usage_megabytes"  # MLflow's
+GPU_MEMORY_PCT = "system/gpu_0_memory_usage_percentage"  # MLflow's
+GPU_MEMORY_BUSY = "system/gpu_0_memory_controller_utilization_percentage"  # time the memory was read or written
+GPU_POWER = "system/gpu_0_power_usage_watts"  # MLflow's (ptq: from the energy counter where the GPU has one)
+GPU_TEMPERATURE = "system/gpu_0_temperature_celsius"
+GPU_FREQUENCY = "system/gpu_0_frequency_megahertz"
+CPU_PACKAGE_POWER = "system/power_cpu_package_watts"  # RAPL, every package together
+BOARD_POWER = "system/power_total_watts"  # a board's input (Jetson), which its rails are part of
+POWER_SUFFIX = "_watts"  # every power series ends so; energy is integrated from them
 
 
 class Source(ABC):
-    """One kind of sensor. `open` raises where absent; `read` returns metric name -> value."""
+    """One kind of sensor. `open` raises where absent; `read` returns series name (above) -> value."""
 
     name: str
 
@@ -39,7 +67,7 @@ class Source(ABC):
 
     @abstractmethod
     def read(self) -> dict[str, float]:
-        """Current values under ptq's metric names."""
+        """Current values under the series names above."""
 
     def tags(self) -> dict[str, str]:
         """Static facts worth tagging the run with (power mode, GPU name...)."""
@@ -58,8 +86,20 @@ def busy_pct(before: Any, after: Any) -> float:
     return 100.0 * (total - idle) / total if total > 0 else 0.0
 
 
+def peak_rss_bytes(status: Path = Path("/proc/self/status")) -> int:
+    """This process's own peak resident memory: Linux's VmHWM, which starts afresh at exec. getrusage's ru_maxrss
+    does not: a process started by fork+exec (a sweep's child) inherits its parent's resident size as its peak."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere (Linux reports KiB)
+
+
 class PsutilSource(Source):
-    """System and process CPU, memory, swap and disk I/O.
+    """System and process CPU, memory, swap and disk I/O (on a Jetson too: jtop reads the same kernel counters).
 
     System CPU % is computed from this source's own `cpu_times` readings, not `psutil.cpu_percent`, whose
     baseline is kept per calling thread: samples come from the sampler thread and from the run's thread
@@ -83,29 +123,30 @@ class PsutilSource(Source):
         cores = psutil.cpu_times(percpu=True)
         per_core = [busy_pct(a, b) for a, b in zip(self.cores, cores)]
         self.cores = cores
-        proc_cpu = self.proc.cpu_percent(None)
+        proc_cpu = self.proc.cpu_percent(None)  # psutil's: 100 = one core
         io = psutil.disk_io_counters()
         vm, swap, mem = psutil.virtual_memory(), psutil.swap_memory(), self.proc.memory_info()
         out = {
-            "proc/rss_mb": mem.rss / 2**20,
-            "proc/rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "proc/threads": float(self.proc.num_threads()),
-            "sys/ram_used_mb": (vm.total - vm.available) / 2**20,
-            "sys/swap_used_mb": swap.used / 2**20,
+            PROCESS_RSS: mem.rss / MB,
+            PROCESS_RSS_PEAK: peak_rss_bytes() / MB,
+            PROCESS_THREADS: float(self.proc.num_threads()),
+            MEMORY: vm.used / MB,
+            MEMORY_PCT: 100 * vm.used / vm.total,
+            SWAP: swap.used / MB,
         }
         if dt >= self.MIN_RATE_INTERVAL_S:
-            out["sys/cpu_pct"] = sum(per_core) / len(per_core)
-            out["proc/cpu_pct"] = proc_cpu
-            out.update({f"sys/cpu{i}_pct": v for i, v in enumerate(per_core)})
+            out[CPU] = sum(per_core) / len(per_core)
+            out[PROCESS_CPU] = proc_cpu / len(per_core)
+            out.update({CPU_CORE.format(i): v for i, v in enumerate(per_core)})
         if io is not None and self.io is not None and dt >= self.MIN_RATE_INTERVAL_S:
-            out["sys/disk_read_mb_s"] = (io.read_bytes - self.io.read_bytes) / 2**20 / dt
-            out["sys/disk_write_mb_s"] = (io.write_bytes - self.io.write_bytes) / 2**20 / dt
+            out[DISK_READ] = (io.read_bytes - self.io.read_bytes) / MB / dt
+            out[DISK_WRITE] = (io.write_bytes - self.io.write_bytes) / MB / dt
         self.io, self.t = io, now
         return out
 
 
 class NvmlSource(Source):
-    """NVIDIA discrete GPU 0: utilisation, memory, power (from the energy counter where supported), temperature, clocks."""
+    """NVIDIA discrete GPU 0: utilisation, memory, power (from the energy counter where supported), temperature, SM clock."""
 
     name = "nvml"
 
@@ -127,19 +168,20 @@ class NvmlSource(Source):
         util = n.nvmlDeviceGetUtilizationRates(h)
         mem = n.nvmlDeviceGetMemoryInfo(h)
         out = {
-            "gpu/util_pct": float(util.gpu),
-            "gpu/mem_util_pct": float(util.memory),
-            "gpu/mem_mb": mem.used / 2**20,
-            "gpu/temp_c": float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
-            "gpu/sm_clock_mhz": float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
+            GPU_UTIL: float(util.gpu),
+            GPU_MEMORY_BUSY: float(util.memory),
+            GPU_MEMORY: mem.used / MB,
+            GPU_MEMORY_PCT: 100 * mem.used / mem.total,
+            GPU_TEMPERATURE: float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
+            GPU_FREQUENCY: float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
         }
         now = time.monotonic()
         if self.energy_mj is not None:
             energy = n.nvmlDeviceGetTotalEnergyConsumption(h)
-            out["power/gpu_w"] = (energy - self.energy_mj) / 1e3 / max(now - self.t, 1e-6)
+            out[GPU_POWER] = (energy - self.energy_mj) / 1e3 / max(now - self.t, 1e-6)
             self.energy_mj = energy
         else:
-            out["power/gpu_w"] = n.nvmlDeviceGetPowerUsage(h) / 1e3
+            out[GPU_POWER] = n.nvmlDeviceGetPowerUsage(h) / 1e3
         self.t = now
         return out
 
@@ -173,27 +215,27 @@ class RaplSource(Source):
             total += ((value - self.last[i]) % self.wrap[i]) / 1e6
             self.last[i] = value
         self.t = now
-        return {"power/cpu_pkg_w": total / dt}
+        return {CPU_PACKAGE_POWER: total / dt}
 
 
-# jetson-stats `jtop.stats` keys -> ptq metric names and scale. Rails and temperatures are named by the
-# board ("Power VDD_CPU_GPU_CV", "Temp GPU"), so those map by prefix.
+# jetson-stats `jtop.stats` keys -> series names and scale. Rails and temperatures are named by the board
+# ("Power VDD_CPU_GPU_CV", "Temp GPU"), so those map by prefix. CPU cores, RAM and swap are left to psutil,
+# which reads the same kernel counters on a Jetson, so that each name has one writer.
 JTOP_FIELDS: dict[str, tuple[str, float]] = {
-    "GPU": ("gpu/util_pct", 1.0),
-    "RAM": ("sys/ram_used_pct", 100.0),
-    "SWAP": ("sys/swap_used_pct", 100.0),
-    "EMC": ("jetson/emc_pct", 1.0),
-    "Power TOT": ("power/total_w", 1e-3),
+    "GPU": (GPU_UTIL, 1.0),
+    "Temp GPU": (GPU_TEMPERATURE, 1.0),
+    "EMC": ("system/jetson_emc_utilization_percentage", 1.0),
+    "Power TOT": (BOARD_POWER, 1e-3),
 }
 JTOP_PREFIXES: dict[str, tuple[str, str, float]] = {
-    "CPU": ("jetson/cpu", "_pct", 1.0),
-    "Power ": ("power/", "_w", 1e-3),
-    "Temp ": ("temp/", "_c", 1.0),
+    "Power ": ("system/power_", POWER_SUFFIX, 1e-3),
+    "Temp ": ("system/temperature_", "_celsius", 1.0),
 }
+JETSON_CLOCKS = "system/jetson_clocks_on"
 
 
 def jtop_metrics(stats: dict[str, Any]) -> dict[str, float]:
-    """Map one `jtop.stats` dictionary to ptq metric names; values that are not numbers ('OFF') are dropped."""
+    """Map one `jtop.stats` dictionary to series names; values that are not numbers ('OFF') are dropped."""
     out: dict[str, float] = {}
     for key, value in stats.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -207,7 +249,7 @@ def jtop_metrics(stats: dict[str, Any]) -> dict[str, float]:
                 out[f"{head}{key[len(prefix):].strip().lower()}{tail}"] = value * scale
                 break
     if "jetson_clocks" in stats:
-        out["jetson/clocks_on"] = 1.0 if stats["jetson_clocks"] == "ON" else 0.0
+        out[JETSON_CLOCKS] = 1.0 if stats["jetson_clocks"] == "ON" else 0.0
     return out
 
 
@@ -247,7 +289,7 @@ class JtopSource(Source):
     def read(self) -> dict[str, float]:
         out = jtop_metrics(self.jetson.stats)
         if (freq := jtop_gpu_freq_mhz(self.jetson.gpu)) is not None:
-            out["gpu/freq_mhz"] = freq
+            out[GPU_FREQUENCY] = freq
         return out
 
     def tags(self) -> dict[str, str]:
@@ -255,6 +297,11 @@ class JtopSource(Source):
 
     def close(self) -> None:
         self.jetson.close()
+
+
+def power_source(series: str) -> str:
+    """A power series' short name for per-phase figures: gpu_0, cpu_package, total, or the Jetson rail's."""
+    return series.removeprefix("system/").removesuffix(POWER_SUFFIX).removesuffix("_power_usage").removeprefix("power_")
 
 
 def default_sources() -> list[Source]:
@@ -300,6 +347,7 @@ class Monitor:
             except Exception as exc:  # absent hardware or library: reported, never faked as zero
                 self.absent[src.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         self._t0 = self._last = time.monotonic()
+        self._wall0 = time.time()  # sample times are this plus monotonic time: real, and never going back
         self._thread = threading.Thread(target=self._loop, name="ptq-monitor", daemon=True)
         self._thread.start()
 
@@ -336,16 +384,10 @@ class Monitor:
             with self._lock:
                 self._sample()
 
-    # Two boundaries closer than this (a phase ending as the run stops) would log the same point twice at the
-    # same millisecond, which MLflow stores once: such an interval carries no information and is not sampled.
-    MIN_SAMPLE_INTERVAL_S = 0.001
-
     def _sample(self) -> None:
         cpu_start = time.thread_time()
-        now = time.monotonic()
-        if now - self._last < self.MIN_SAMPLE_INTERVAL_S:
-            return
-        sample = Sample(now - self._t0, time.time(), now - self._last, self._phase)
+        now = time.monotonic()  # however short the interval, its phase gets its sample: every phase has its row
+        sample = Sample(now - self._t0, self._wall0 + now - self._t0, now - self._last, self._phase)
         for src in list(self.sources):
             try:
                 sample.values.update(src.read())
@@ -358,57 +400,79 @@ class Monitor:
         self.own_cpu_s += time.thread_time() - cpu_start
 
     def tags(self) -> dict[str, str]:
-        """Which sources ran or were absent (and why), plus the sources' own tags."""
-        out = {f"monitor.{name}": f"absent ({why})" for name, why in self.absent.items()}
+        """Which sources ran or were absent (and why), the sources' own tags, and the measurement's own figures:
+        how many samples (each series' length at most) and the sampling's CPU cost in % of one core."""
+        out = {"monitor.samples": str(len(self.samples)), "monitor.own_cpu_pct_of_one_core": f"{self.own_cpu_pct():.3f}"}
+        out.update({f"monitor.{name}": f"absent ({why})" for name, why in self.absent.items()})
         for src in self.sources:
             out[f"monitor.{src.name}"] = "on"
             out.update(src.tags())
         return out
 
-    def summary(self) -> dict[str, float]:
-        """Per-phase figures: duration, mean/max CPU, peak RSS and GPU memory, mean power, energy, energy per image."""
+    def phase_rows(self) -> list[dict[str, Any]]:
+        """One row per phase, in the order the run first entered them (`idle`: time between phases): its
+        figures over all its samples (see `figures`) and the images it processed."""
         by_phase: dict[str, list[Sample]] = defaultdict(list)
         for s in self.samples:
-            if s.dt > 0:
-                by_phase[s.phase].append(s)
-        out: dict[str, float] = {}
-        for phase, rows in by_phase.items():
-            p = f"phase/{phase}"
-            seconds = sum(r.dt for r in rows)
-            out[f"{p}/seconds"] = seconds
-            keys = {k for r in rows for k in r.values}
+            by_phase[s.phase].append(s)
+        return [{"phase": phase, **self.figures(rows, self.images.get(phase, 0))} for phase, rows in by_phase.items()]
 
-            def tmean(key: str) -> float:
-                pts = [(r.values[key], r.dt) for r in rows if key in r.values]
-                return sum(v * d for v, d in pts) / max(sum(d for _, d in pts), 1e-9)
+    def phase_table(self) -> dict[str, list[Any]]:
+        """`phase_rows` as columns for `Recorder.table`, every figure any phase has (None where a phase lacks it)."""
+        rows = self.phase_rows()
+        return {c: [r.get(c) for r in rows] for c in ["phase", *self.figures(self.samples, 0)]}
 
-            def peak(key: str) -> float:
-                return max(r.values[key] for r in rows if key in r.values)
+    def headline(self, scope: str, phases: Iterable[str], names: Iterable[str]) -> dict[str, float]:
+        """The `figures` called `names` over the samples of `phases` taken together, as `<scope>/<name>`;
+        none where those phases have no samples or the figure was not measured."""
+        wanted = set(phases)
+        rows = [s for s in self.samples if s.phase in wanted]
+        figures = self.figures(rows, sum(self.images.get(p, 0) for p in wanted)) if rows else {}
+        return {f"{scope}/{name}": value for name in names if (value := figures.get(name)) is not None}
 
-            for key, name in (("sys/cpu_pct", "cpu_pct"), ("proc/cpu_pct", "proc_cpu_pct"), ("gpu/util_pct", "gpu_util_pct")):
-                if key in keys:
-                    out[f"{p}/{name}_mean"] = tmean(key)
-                    out[f"{p}/{name}_max"] = peak(key)
-            for key, name in (("proc/rss_mb", "rss_mb_peak"), ("sys/ram_used_mb", "ram_used_mb_peak"), ("gpu/mem_mb", "gpu_mem_mb_peak")):
-                if key in keys:
-                    out[f"{p}/{name}"] = peak(key)
-            power_keys = sorted(k for k in keys if k.startswith("power/"))
-            energy: dict[str, float] = {}
-            for key in power_keys:
-                src = key[len("power/") : -len("_w")]
-                out[f"{p}/power_{src}_w_mean"] = tmean(key)
-                energy[src] = sum(r.values[key] * r.dt for r in rows if key in r.values)
-                out[f"{p}/energy_{src}_j"] = energy[src]
-            if energy:
-                total = energy["total"] if "total" in energy else sum(energy.values())
-                out[f"{p}/energy_j"] = total
-                if self.images.get(phase):
-                    out[f"{p}/energy_per_img_j"] = total / self.images[phase]
+    @staticmethod
+    def figures(rows: list[Sample], images: int) -> dict[str, float | None]:
+        """Duration, images, CPU (`cpu_pct`: the whole machine; `proc_cpu_pct`: ptq's process; both % of the whole
+        machine) mean and max, peak memory (MB), GPU, then mean power and energy per source (W, J), energy in all
+        (the board's total where measured, else the sum of the sources) and per image. Means are time-weighted;
+        a quantity no sample measured is absent."""
+        keys = {k for r in rows for k in r.values}
+
+        def mean(key: str) -> float:
+            pts = [(r.values[key], r.dt) for r in rows if key in r.values]
+            return sum(v * d for v, d in pts) / max(sum(d for _, d in pts), 1e-9)
+
+        def peak(key: str) -> float:
+            return max(r.values[key] for r in rows if key in r.values)
+
+        out: dict[str, float | None] = {"seconds": sum(r.dt for r in rows), "images": images}
+        for key, name in ((CPU, "cpu_pct"), (PROCESS_CPU, "proc_cpu_pct"), (GPU_UTIL, "gpu_util_pct")):
+            if key in keys:
+                out[f"{name}_mean"], out[f"{name}_max"] = mean(key), peak(key)
+        for key, name in ((PROCESS_RSS, "peak_rss_mb"), (MEMORY, "peak_ram_used_mb"), (GPU_MEMORY, "peak_gpu_mem_mb")):
+            if key in keys:
+                out[name] = peak(key)
+        energy: dict[str, float] = {}
+        for key in sorted(k for k in keys if k.endswith(POWER_SUFFIX)):
+            source = power_source(key)
+            out[f"power_{source}_w_mean"] = mean(key)
+            energy[source] = out[f"energy_{source}_j"] = sum(r.values[key] * r.dt for r in rows if key in r.values)
+        if energy:
+            total = energy.get(power_source(BOARD_POWER), sum(energy.values()))
+            out["energy_j"] = total
+            out["energy_per_img_j"] = total / images if images else None
         return out
 
     def points(self) -> list[tuple[str, float, int, int]]:
-        """Every sampled value as (metric, value, timestamp in ms, step = whole seconds since start)."""
-        return [(key, float(v), int(s.wall * 1000), int(s.t)) for s in self.samples for key, v in s.values.items()]
+        """Every sampled value, and the sample's phase as its row in `phase_rows`, as (series, value, timestamp in
+        ms, step = the sample's number from 0): one step per sample, so each series draws as one line over the run."""
+        row = {phase: i for i, phase in enumerate(dict.fromkeys(s.phase for s in self.samples))}
+        out = []
+        for step, s in enumerate(self.samples):
+            ms = int(s.wall * 1000)
+            out += [(key, float(v), ms, step) for key, v in s.values.items()]
+            out.append((PHASE_INDEX, float(row[s.phase]), ms, step))
+        return out
 
     def csv_text(self) -> str:
         """The raw timeline: one row per sample, one column per quantity."""
@@ -429,8 +493,8 @@ class Monitor:
         from matplotlib.patches import Patch
 
         keys = sorted({k for s in self.samples for k in s.values})
-        wanted: list[str] = [k for k in ("sys/cpu_pct", "proc/cpu_pct", "proc/rss_mb", "sys/ram_used_mb", "gpu/util_pct", "gpu/mem_mb") if k in keys]
-        wanted += [k for k in keys if k.startswith("power/")]
+        wanted: list[str] = [k for k in (CPU, PROCESS_CPU, PROCESS_RSS, MEMORY, GPU_UTIL, GPU_MEMORY) if k in keys]
+        wanted += [k for k in keys if k.endswith(POWER_SUFFIX)]
         fig, axes = plt.subplots(len(wanted), 1, figsize=(11, 1.9 * len(wanted) + 0.6), sharex=True, squeeze=False)
         spans = self._phase_spans()
         colors = [plt.get_cmap("tab20")(i) for i in range(20)]
@@ -438,7 +502,7 @@ class Monitor:
         for ax, key in zip(axes[:, 0], wanted):
             pts = [(s.t, s.values[key]) for s in self.samples if key in s.values]
             ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".", lw=1)
-            ax.set_ylabel(key, fontsize=8)
+            ax.set_ylabel(key.removeprefix("system/").replace("_", " "), fontsize=7)
             ax.grid(alpha=0.3)
             for phase, a, b in spans:
                 ax.axvspan(a, b, color=palette[phase], alpha=0.25, lw=0)

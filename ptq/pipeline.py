@@ -42,9 +42,10 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
     module = spec.build(cfg.weights) if spec.build else None
     tracking.select_store()
     fp32_bytes = spec.onnx_path.stat().st_size if spec.onnx_path is not None else 4 * models.count_params(module)  # type: ignore[arg-type]
-    needs = {Path(tempfile.gettempdir()): (4 * fp32_bytes, "or set TMPDIR to a larger disk")}  # fp32, pre-processed, augmented, compressed
+    # temp: fp32, pre-processed, augmented, compressed, and a model folder staged while logging it; store: both models twice
+    needs = {Path(tempfile.gettempdir()): (5 * fp32_bytes, "or set TMPDIR to a larger disk")}
     if (store := tracking.local_artifact_dir(cfg.experiment)) is not None:
-        needs[store] = (2 * fp32_bytes, "or point MLFLOW_TRACKING_URI at a store on a larger disk")
+        needs[store] = (4 * fp32_bytes, "or point MLFLOW_TRACKING_URI at a store on a larger disk")
     disk.require_space(needs)
 
     params = {**cfg.params(), "data_hash": dataset.content_hash, "data_images": str(len(dataset.files))}
@@ -79,11 +80,20 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
 
 
 def _log_monitor(rec: tracking.Recorder, monitor: Monitor, work: Path) -> None:
-    """Per-second series, per-phase summaries, which sources ran, the raw timeline and its plot."""
+    """The series (under `system/`, which MLflow's System metrics tab shows), the per-phase figures as the table
+    `phases.json`, a few headline figures as metrics (compression's peak memory and CPU; energy per image where
+    power is measured), which sources ran, the raw timeline and its plot."""
     rec.series(monitor.points())
-    rec.metrics({**monitor.summary(), "monitor/own_cpu_pct": monitor.own_cpu_pct(), "monitor/samples": len(monitor.samples)})
+    rec.metrics(
+        {
+            **monitor.headline("compress", COMPRESS_PHASES, ("peak_rss_mb", "cpu_pct_mean")),
+            **monitor.headline("latency", ("latency",), ("energy_per_img_j",)),
+            **monitor.headline("evaluate", ("evaluate",), ("energy_per_img_j",)),
+        }
+    )
     rec.tags(monitor.tags())
     if monitor.samples:
+        rec.table(monitor.phase_table(), "phases.json")
         rec.text(monitor.csv_text(), "monitor/timeline.csv")
         rec.artifact(monitor.plot(work / "timeline.png"), "monitor")
 
@@ -198,11 +208,28 @@ def _log_speedup(rec: tracking.Recorder, cfg: RunConfig, reference: bench.Latenc
         rec.tags({"ptq.warning": note})
 
 
+def _log_models(rec: tracking.Recorder, fp32_path: Path, compressed: Compressed) -> str:
+    """Log the FP32 ONNX and the compressed model as the run's LoggedModels, named `<precision>-<format>` (backends
+    write `model_<precision>.<ext>`), and return the id of the one the run measured (the FP32 one in an fp32 run)."""
+    formats = {".onnx": "onnx", ".engine": "tensorrt", ".pt": "torch"}
+
+    def log(path: Path, role: str, numerics: str, files: tuple[Path, ...]) -> str:
+        precision, kind = path.stem.removeprefix("model_"), formats.get(path.suffix, path.suffix.lstrip("."))
+        return rec.model(path, f"{precision}-{kind}", kind, {"precision": precision}, {"numerics": numerics, "ptq.role": role}, files)
+
+    if compressed.path != fp32_path:
+        log(fp32_path, "fp32 reference", "fp32", ())
+    return log(compressed.path, "measured", compressed.numerics, tuple(p for p in compressed.artifacts if p.suffix != ".onnx"))
+
+
 def _log_compression(rec: tracking.Recorder, phases: Phases, fp32_path: Path, compressed: Compressed) -> None:
+    """Compression times and sizes, the model files under `model/` and as LoggedModels; from here on the run's
+    metrics carry the measured model's id, so MLflow's "Logged models" views compare models by them."""
     times = {f"compress/{p}_s": phases.seconds[p] for p in COMPRESS_PHASES if p in phases.seconds}
     times["compress/total_s"] = sum(times.values())
     size = compressed.path.stat().st_size
     rec.tags({"numerics.model": compressed.numerics, **compressed.tags})
+    rec.link_metrics(_log_models(rec, fp32_path, compressed))
     rec.metrics({**times, "size/model_bytes": size, "size/ratio": fp32_path.stat().st_size / size})
     rec.artifact(fp32_path, "model")
     if compressed.path != fp32_path:

@@ -14,12 +14,15 @@ from scipy import stats
 
 from ptq import tracking
 from ptq.errors import PtqError
+from ptq.monitor import PROCESS_RSS
 
 log = logging.getLogger(__name__)
 
 KEYS = ["device", "model", "weights", "precision", "backend"]
-# tidy column -> MLflow column; a run without one of these (older, failed) just has a gap there
-COLUMNS = {
+# tidy column -> MLflow column, or (phase, figure) from the run's per-phase table phases.json (written where the
+# monitor ran: CPU in % of the whole machine, memory in MB of 10^6 bytes); a run without one of these (older,
+# failed, monitor off) just has a gap there
+COLUMNS: dict[str, str | tuple[str, str]] = {
     "device": "tags.device.name",
     "host": "tags.device.host",
     "machine_id": "tags.device.machine_id",
@@ -39,11 +42,11 @@ COLUMNS = {
     "convert_s": "metrics.compress/convert_s",
     "build_s": "metrics.compress/build_s",
     "compress_s": "metrics.compress/total_s",
-    "calib_cpu_pct": "metrics.phase/calibrate/cpu_pct_mean",
-    "calib_rss_mb_peak": "metrics.phase/calibrate/rss_mb_peak",
-    "latency_cpu_pct": "metrics.phase/latency/cpu_pct_mean",
-    "latency_rss_mb_peak": "metrics.phase/latency/rss_mb_peak",
-    "latency_gpu_util_pct": "metrics.phase/latency/gpu_util_pct_mean",
+    "calib_cpu_pct": ("calibrate", "cpu_pct_mean"),
+    "calib_rss_mb_peak": ("calibrate", "peak_rss_mb"),
+    "latency_cpu_pct": ("latency", "cpu_pct_mean"),
+    "latency_rss_mb_peak": ("latency", "peak_rss_mb"),
+    "latency_gpu_util_pct": ("latency", "gpu_util_pct_mean"),
     "p50_ms": "metrics.latency/p50_ms",
     "p99_ms": "metrics.latency/p99_ms",
     "latency_stability": "tags.ptq.latency_stability",
@@ -56,7 +59,7 @@ COLUMNS = {
     "top1": "metrics.acc/top1",
     "fp32_top1": "metrics.acc/fp32_top1",
     "drop_pt": "metrics.acc/top1_drop_pt",
-    "energy_per_img_j": "metrics.phase/latency/energy_per_img_j",
+    "energy_per_img_j": "metrics.latency/energy_per_img_j",
 }
 # Params that are not the configuration measured, so they never split rows: where the data lives (`data_hash` is
 # its identity, `data_images` follows from it), where the run is filed, cached or drawn (experiment, timing_cache,
@@ -143,8 +146,9 @@ def _natural(column: pd.Series) -> pd.Series:
 
 def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per distinct configuration (the newest run): device x model x weights x precision x backend, the
-    calibration method and every other configuration param whose value varies among `runs`; study columns, gaps as NaN."""
-    out = pd.DataFrame({name: runs[col] if col in runs else np.nan for name, col in COLUMNS.items()}, index=runs.index)
+    calibration method and every other configuration param whose value varies among `runs`; study columns, gaps as NaN
+    (the columns from phases.json too, until `add_phase_figures` fills them)."""
+    out = pd.DataFrame({name: runs[col] if isinstance(col, str) and col in runs else np.nan for name, col in COLUMNS.items()}, index=runs.index)
     if "tags.device.host" in runs:  # runs from before device.name: their host name named the device
         out["device"] = out["device"].fillna(runs["tags.device.host"])
     config = configuration(runs)
@@ -173,14 +177,14 @@ def mcnemar(predictions: pd.DataFrame) -> float:
     return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
 
 
-def _artifact_csv(run_id: str, path: str, folder: Path) -> pd.DataFrame | None:
-    """A run's CSV artifact, downloaded into `folder` once (statistics and plots both read latency.csv)."""
+def _artifact_table(run_id: str, path: str, folder: Path) -> pd.DataFrame | None:
+    """A run's CSV artifact or `Recorder.table` JSON, downloaded into `folder` once (statistics and plots both read latency.csv)."""
     local = folder / run_id / path
     try:
         if not local.is_file():  # a file artifact lands in dst_path under its base name
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(local.parent))
-        return pd.read_csv(local)
-    except Exception:  # older runs, random weights, failed uploads: a gap, not a crash
+        return pd.read_json(local, orient="split") if local.suffix == ".json" else pd.read_csv(local)
+    except Exception:  # older runs, random weights, monitor off, failed uploads: a gap, not a crash
         return None
 
 
@@ -193,13 +197,28 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
+def add_phase_figures(table: pd.DataFrame, work: Path) -> pd.DataFrame:
+    """The columns that COLUMNS takes from a phase of the run's per-phase table phases.json, where the run has it."""
+    table = table.copy()
+    wanted = {name: col for name, col in COLUMNS.items() if isinstance(col, tuple)}
+    for i, row in table.iterrows():
+        phases = _artifact_table(row.run_id, "phases.json", work)
+        if phases is None or "phase" not in phases:
+            continue
+        phases = phases.set_index("phase")
+        for name, (phase, figure) in wanted.items():
+            if phase in phases.index and figure in phases.columns:
+                table.loc[i, name] = phases.at[phase, figure]
+    return table
+
+
 def add_statistics(table: pd.DataFrame, work: Path) -> pd.DataFrame:
     """McNemar p-values beside each accuracy drop, from the run's per-image predictions (the speed-up's interval
     is the run's own, bootstrapped over its alternating blocks)."""
     table = table.copy()
     table["mcnemar_p"] = np.nan
     for i, row in table.iterrows():
-        preds = _artifact_csv(row.run_id, "predictions.csv", work) if row.weights == "pretrained" and row.precision != "fp32" else None
+        preds = _artifact_table(row.run_id, "predictions.csv", work) if row.weights == "pretrained" and row.precision != "fp32" else None
         if preds is not None:
             table.loc[i, "mcnemar_p"] = mcnemar(preds)
     return table
@@ -250,7 +269,7 @@ def _plots(table: pd.DataFrame, work: Path, folder: Path) -> list[Path]:
     fig4, ax4 = plt.subplots(figsize=(9, 5))
     dists, names = [], []
     for i, r in table.iterrows():
-        lat = _artifact_csv(r.run_id, "latency.csv", work)
+        lat = _artifact_table(r.run_id, "latency.csv", work)
         if lat is not None and "precision" in lat:  # the run's own model, not its FP32 reference
             dists.append(lat.loc[lat["precision"] == r.precision, "ms"].to_numpy())
             names.append(label[i])
@@ -261,9 +280,9 @@ def _plots(table: pd.DataFrame, work: Path, folder: Path) -> list[Path]:
     fig5, ax5 = plt.subplots(figsize=(9, 5))
     first_model = table["model"].iloc[0]
     for i, r in table[table["model"] == first_model].iterrows():
-        tl = _artifact_csv(r.run_id, "monitor/timeline.csv", work)
-        if tl is not None and "proc/rss_mb" in tl:
-            ax5.plot(tl["t_s"], tl["proc/rss_mb"], label=label[i])
+        tl = _artifact_table(r.run_id, "monitor/timeline.csv", work)
+        if tl is not None and PROCESS_RSS in tl:
+            ax5.plot(tl["t_s"], tl[PROCESS_RSS], label=label[i])
     ax5.set(xlabel="seconds since run start", ylabel="process RSS (MB)", title=f"Memory over a run of {first_model}, by device and precision")
     if ax5.lines:  # monitor off everywhere: no timelines
         ax5.legend(fontsize=7)
@@ -321,7 +340,7 @@ def build(experiments: list[str], out: Path, device: str = "", model: str = "", 
     runs = load_runs(experiments, device, model, precision)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ptq-report-") as tmp:
-        table = add_statistics(tidy(runs), Path(tmp))
+        table = add_statistics(add_phase_figures(tidy(runs), Path(tmp)), Path(tmp))
         files = _plots(table, Path(tmp), out)
     table.to_csv(out / "runs.csv", index=False)
     (out / "report.md").write_text(markdown(table))

@@ -12,7 +12,21 @@ import psutil
 import pytest
 
 from ptq import pipeline, tracking
-from ptq.monitor import Monitor, PsutilSource, Source, jtop_gpu_freq_mhz, jtop_metrics, jtop_tags
+from ptq.monitor import (
+    BOARD_POWER,
+    CPU,
+    GPU_TEMPERATURE,
+    GPU_UTIL,
+    PHASE_INDEX,
+    PROCESS_CPU,
+    PROCESS_RSS,
+    Monitor,
+    PsutilSource,
+    Source,
+    jtop_gpu_freq_mhz,
+    jtop_metrics,
+    jtop_tags,
+)
 from ptq.phases import Phases
 
 # A `jtop.stats` dictionary as jetson-stats 4.x returns it on a Jetson AGX Orin (values as documented:
@@ -32,15 +46,17 @@ ORIN_STATS = {
 
 def test_jtop_mapping() -> None:
     m = jtop_metrics(ORIN_STATS)
-    assert m["gpu/util_pct"] == 47.5
-    assert m["sys/ram_used_pct"] == pytest.approx(29.6)
-    assert m["power/total_w"] == pytest.approx(7.252)
-    assert m["power/vdd_cpu_gpu_cv_w"] == pytest.approx(4.72)
-    assert m["power/vdd_soc_w"] == pytest.approx(1.181)
-    assert m["temp/gpu_c"] == 41.25 and m["temp/tj_c"] == 43.5
-    assert m["jetson/cpu1_pct"] == 29 and "jetson/cpu3_pct" not in m  # an offline core is absent, not zero
-    assert m["jetson/emc_pct"] == 3 and m["jetson/clocks_on"] == 1.0
-    assert "power/tot_w" not in m  # the board total maps to one name only
+    assert m == {
+        GPU_UTIL: 47.5,
+        GPU_TEMPERATURE: 41.25,  # NVML's name for the same quantity on a discrete GPU
+        BOARD_POWER: pytest.approx(7.252),  # mW -> W; the board total maps to one name only
+        "system/power_vdd_cpu_gpu_cv_watts": pytest.approx(4.72),
+        "system/power_vdd_soc_watts": pytest.approx(1.181),
+        "system/temperature_cpu_celsius": 42.0,
+        "system/temperature_tj_celsius": 43.5,
+        "system/jetson_emc_utilization_percentage": 3,
+        "system/jetson_clocks_on": 1.0,
+    }  # CPU cores, RAM and swap are psutil's (the same kernel counters); 'OFF' engines and the fan's PWM are not numbers to log
     assert jtop_tags(ORIN_STATS) == {"device.nvpmodel": "MAXN", "device.jetson_clocks": "ON"}
 
 
@@ -68,7 +84,7 @@ class ConstantPower(Source):
         pass
 
     def read(self) -> dict[str, float]:
-        return {"power/total_w": 10.0}
+        return {BOARD_POWER: 10.0}
 
 
 class Flaky(Source):
@@ -84,7 +100,7 @@ class Flaky(Source):
         self.reads += 1
         if self.reads > 2:
             raise PermissionError("GPU vanished")
-        return {"gpu/util_pct": 50.0}
+        return {GPU_UTIL: 50.0}
 
 
 class Absent(Source):
@@ -111,14 +127,25 @@ def test_every_phase_gets_its_own_figures_even_when_short() -> None:
     with phases("latency"):
         time.sleep(0.2)
     mon.stop()
-    s = mon.summary()
+    rows = {r["phase"]: r for r in mon.phase_rows()}
+    assert set(rows) - {"idle"} == {"export", "calibrate", "latency"}  # idle: between phases, where that took a millisecond
     for phase in ("export", "calibrate", "latency"):
-        assert s[f"phase/{phase}/seconds"] == pytest.approx(phases.seconds[phase], abs=0.02)
-        assert s[f"phase/{phase}/rss_mb_peak"] > 10
-        assert s[f"phase/{phase}/energy_j"] == pytest.approx(10.0 * s[f"phase/{phase}/seconds"], rel=1e-6)
-    assert s["phase/calibrate/proc_cpu_pct_mean"] > 20
-    assert s["phase/latency/energy_per_img_j"] == pytest.approx(s["phase/latency/energy_j"] / 40)
-    assert {smp.phase for smp in mon.samples} >= {"export", "calibrate", "latency"}
+        r = rows[phase]
+        assert r["seconds"] == pytest.approx(phases.seconds[phase], abs=0.02)
+        assert r["peak_rss_mb"] > 10
+        assert r["power_total_w_mean"] == 10.0 and r["energy_j"] == r["energy_total_j"] == pytest.approx(10.0 * r["seconds"], rel=1e-6)
+    cores = psutil.cpu_count()
+    assert rows["calibrate"]["proc_cpu_pct_mean"] > 60 / cores  # one core busy: 100 / cores % of the machine
+    assert rows["calibrate"]["proc_cpu_pct_max"] <= 100 * 1.05 and rows["calibrate"]["cpu_pct_max"] <= 100
+    assert rows["latency"]["images"] == 40 and rows["latency"]["energy_per_img_j"] == pytest.approx(rows["latency"]["energy_j"] / 40)
+    assert rows["export"]["images"] == 0 and rows["export"]["energy_per_img_j"] is None
+    both = mon.headline("work", ("export", "calibrate"), ("seconds", "peak_rss_mb", "cpu_pct_mean", "energy_j", "gpu_util_pct_mean"))
+    assert both["work/seconds"] == pytest.approx(rows["export"]["seconds"] + rows["calibrate"]["seconds"])
+    assert both["work/peak_rss_mb"] == max(rows["export"]["peak_rss_mb"], rows["calibrate"]["peak_rss_mb"])
+    assert min(rows["export"]["cpu_pct_mean"], rows["calibrate"]["cpu_pct_mean"]) <= both["work/cpu_pct_mean"] <= rows["calibrate"]["cpu_pct_mean"]
+    assert both["work/energy_j"] == pytest.approx(10.0 * both["work/seconds"]) and "work/gpu_util_pct_mean" not in both  # not measured: absent
+    assert mon.headline("latency", ("latency",), ("energy_per_img_j",)) == {"latency/energy_per_img_j": rows["latency"]["energy_per_img_j"]}
+    assert mon.headline("never", ("convert",), ("peak_rss_mb",)) == {}
 
 
 def test_cpu_rates_cover_each_interval_whichever_thread_samples() -> None:
@@ -133,10 +160,11 @@ def test_cpu_rates_cover_each_interval_whichever_thread_samples() -> None:
             while time.perf_counter() < end:  # one core fully busy: system CPU is at least 1/cores of the machine
                 pass
     mon.stop()
-    busy = [s for s in mon.samples if s.phase.startswith("busy") and "sys/cpu_pct" in s.values]
+    busy = [s for s in mon.samples if s.phase.startswith("busy") and CPU in s.values]
     assert len(busy) >= 6
     floor = 100 / psutil.cpu_count() * 0.6
-    assert all(s.values["sys/cpu_pct"] > floor for s in busy), [(s.phase, round(s.dt, 3), s.values["sys/cpu_pct"]) for s in busy]
+    assert all(s.values[CPU] > floor for s in busy), [(s.phase, round(s.dt, 3), s.values[CPU]) for s in busy]
+    assert all(floor < s.values[PROCESS_CPU] <= s.values[CPU] * 1.1 + 1 for s in busy)  # the process's share, same unit
 
 
 def test_failing_source_warns_once_and_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -148,8 +176,8 @@ def test_failing_source_warns_once_and_run_goes_on(caplog: pytest.LogCaptureFixt
             time.sleep(0.4)
         mon.stop()
     assert caplog.text.count("monitor source flaky failed") == 1
-    assert sum("gpu/util_pct" in s.values for s in mon.samples) == 2
-    assert len(mon.samples) > 4 and all("proc/rss_mb" in s.values for s in mon.samples)
+    assert sum(GPU_UTIL in s.values for s in mon.samples) == 2
+    assert len(mon.samples) > 4 and all(PROCESS_RSS in s.values for s in mon.samples)
     tags = mon.tags()
     assert tags["monitor.flaky"].startswith("absent (failed mid-run")
     assert tags["monitor.absent"].startswith("absent (FileNotFoundError") and tags["monitor.psutil"] == "on"
@@ -165,18 +193,41 @@ def test_sampler_thread_never_outlives_stop() -> None:
     assert mon.own_cpu_pct() >= 0
 
 
-def test_logs_series_summaries_and_artifacts(tmp_path: Path) -> None:
+def test_logs_series_table_headline_and_artifacts(tmp_path: Path) -> None:
     phases = Phases()
     mon = Monitor(0.05, phases, [PsutilSource(), ConstantPower()])
     mon.start()
     with phases("quantize"):
         time.sleep(0.3)
+    mon.count_images("latency", 8)
+    with phases("latency"):
+        time.sleep(0.1)
     mon.stop()
     client = mlflow.MlflowClient()
     run = client.create_run("0")
+    started = time.time() * 1000
     pipeline._log_monitor(tracking.Recorder(client, run.info.run_id, "Default", "monitor"), mon, tmp_path)
-    history = client.get_metric_history(run.info.run_id, "proc/rss_mb")
-    assert len(history) == len(mon.samples) and all(m.timestamp > 0 for m in history)
+    history = client.get_metric_history(run.info.run_id, PROCESS_RSS)
+    assert [m.step for m in history] == list(range(len(mon.samples)))  # one step per sample: a line, not a zigzag
+    assert all(started - 5000 < m.timestamp <= started for m in history)  # real times
+    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/phases.json")
+    rows = [row[0] for row in table["data"]]  # in the order the run first entered them
+    assert set(rows) - {"idle"} == {"quantize", "latency"} and rows.index("quantize") < rows.index("latency")
+    assert table["columns"][:3] == ["phase", "seconds", "images"] and "energy_per_img_j" in table["columns"]
+    index = client.get_metric_history(run.info.run_id, PHASE_INDEX)  # a sample's phase, as its row in phases.json
+    assert [m.value for m in index] == [float(rows.index(s.phase)) for s in mon.samples]
     data = client.get_run(run.info.run_id).data
-    assert data.metrics["phase/quantize/energy_j"] > 0 and "monitor/own_cpu_pct" in data.metrics
+    assert set(data.metrics) - {k for k in data.metrics if k.startswith("system/")} == {
+        "compress/peak_rss_mb", "compress/cpu_pct_mean", "latency/energy_per_img_j",
+    }
+    assert data.metrics["latency/energy_per_img_j"] == pytest.approx(10.0 * phases.seconds["latency"] / 8, rel=0.2)
+    assert data.tags["monitor.samples"] == str(len(mon.samples)) and float(data.tags["monitor.own_cpu_pct_of_one_core"]) >= 0
     assert {a.path for a in client.list_artifacts(run.info.run_id, "monitor")} == {"monitor/timeline.csv", "monitor/timeline.png"}
+
+
+def test_peak_rss_is_this_process_own_from_vmhwm(tmp_path: Path) -> None:
+    from ptq.monitor import peak_rss_bytes
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t 9000000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t  100000 kB\n")
+    assert peak_rss_bytes(status) == 123456 * 1024  # not getrusage's ru_maxrss, which a fork+exec child inherits

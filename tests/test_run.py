@@ -96,12 +96,15 @@ def test_lite0_int8_latency_alternates_blocks_and_logs_its_interval(lite0_store:
 
 def test_lite0_int8_resources_per_second_and_per_phase(lite0_store: str) -> None:
     run = only_run()
-    history = mlflow.MlflowClient().get_metric_history(lite0_store, "proc/rss_mb")
-    assert len(history) >= 5 and max(m.step for m in history) >= 3  # a series over the run's seconds
+    history = mlflow.MlflowClient().get_metric_history(lite0_store, "system/ptq_process_rss_megabytes")
+    assert len(history) >= 5 and sorted(m.step for m in history) == list(range(len(history)))  # one step per sample
+    table = mlflow.artifacts.load_dict(f"runs:/{lite0_store}/phases.json")
+    phases = pd.DataFrame(table["data"], columns=table["columns"]).set_index("phase")
     for phase in ("export", "calibrate", "quantize", "latency", "evaluate", "fp32_evaluate"):
-        assert run[f"metrics.phase/{phase}/seconds"] > 0
-        assert run[f"metrics.phase/{phase}/rss_mb_peak"] > 100
-    assert run["metrics.phase/calibrate/cpu_pct_mean"] > 0
+        assert phases.loc[phase, "seconds"] > 0
+        assert phases.loc[phase, "peak_rss_mb"] > 100
+    assert phases.loc["calibrate", "cpu_pct_mean"] > 0
+    assert run["metrics.compress/peak_rss_mb"] > 100 and run["metrics.compress/cpu_pct_mean"] > 0
     assert run["tags.monitor.psutil"] == "on"
     try:  # NVML is on exactly where it opens on this machine
         NvmlSource().open()
@@ -140,7 +143,8 @@ def test_seed_model_random_weights(small_dir: Path) -> None:
     assert run["tags.ptq.accuracy"] == "none (weights=random)"
     assert "metrics.acc/top1" not in run or pd.isna(run["metrics.acc/top1"])
     assert run["metrics.size/ratio"] > 2 and run["metrics.latency/p50_ms"] > 0 and run["metrics.speedup/p50"] > 0
-    assert not any(c.startswith("metrics.phase/") for c in run.index if not pd.isna(run[c]))  # monitor=false
+    assert not any(c.startswith("metrics.system/") or c == "metrics.compress/peak_rss_mb" for c in run.index if not pd.isna(run[c]))  # monitor=false
+    assert "phases.json" not in artifacts(run_id)
 
 
 def test_entropy_calibration_with_uneven_image_count(small_dir: Path) -> None:

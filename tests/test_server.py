@@ -91,8 +91,8 @@ def assert_complete(client: MlflowClient, run_id: str, with_monitor: bool = Fals
     assert {"model", "summary.md", "latency.csv", "split.json"} <= arts
     assert client.list_artifacts(run_id, "model")
     if with_monitor:
-        history = client.get_metric_history(run_id, "proc/rss_mb")
-        assert len(history) >= 2 and len({m.timestamp for m in history}) == len(history)
+        history = client.get_metric_history(run_id, "system/ptq_process_rss_megabytes")
+        assert len(history) >= 2 and sorted(m.step for m in history) == list(range(len(history)))  # each sample once, none copied twice
 
 
 def devices_and_outage(backend_uri: str, folder: Path, data: Path) -> None:

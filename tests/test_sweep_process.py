@@ -71,7 +71,7 @@ def test_each_childs_peak_memory_is_its_own(small_dir: Path) -> None:
     base = RunConfig(model="mob-s", data=small_dir, **{**BASE, "monitor": True, "monitor_interval": 0.2})  # type: ignore[arg-type]
     result = sweep.run_sweep("memory", base, ["mob-s"], ["fp32", "fp16"], target=ballast_in_fp32)
     assert result.passed == [FP32, FP16]
-    peak = children().set_index("params.precision")["metrics.proc/rss_peak_mb"]
+    peak = children().set_index("params.precision")["metrics.system/ptq_process_rss_peak_megabytes"]
     assert peak["fp32"] > 1024 and peak["fp16"] < peak["fp32"] - 700, peak  # one process would carry fp32's peak over to fp16
 
 

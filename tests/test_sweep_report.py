@@ -167,16 +167,16 @@ def test_report_from_real_runs_with_gaps(small_dir: Path, tmp_path: Path) -> Non
         assert run.data.params["calib_method"] == row.calib_method and run.data.tags["mlflow.parentRunId"] == swept.parent_run_id
         m = run.data.metrics
         assert row.drop_pt == m["acc/top1_drop_pt"] == pytest.approx(100 * (m["acc/fp32_top1"] - m["acc/top1"]))
-        preds = report._artifact_csv(row.run_id, "predictions.csv", tmp_path / "artifacts")
+        preds = report._artifact_table(row.run_id, "predictions.csv", tmp_path / "artifacts")
         assert preds is not None and len(preds) == 100
         assert row.mcnemar_p == report.mcnemar(preds) and 0 < row.mcnemar_p <= 1
         assert (row.speedup_ci_low, row.speedup_ci_high) == (m["speedup/p50_ci95_low"], m["speedup/p50_ci95_high"])  # the run's own interval
         assert row.speedup_ci_low <= row.speedup <= row.speedup_ci_high
         predictions.append(preds["top5"].tolist())
         for artifact in ("latency.csv", "monitor/timeline.csv"):  # what the plots read
-            frame = report._artifact_csv(row.run_id, artifact, tmp_path / "artifacts")
+            frame = report._artifact_table(row.run_id, artifact, tmp_path / "artifacts")
             assert frame is not None and len(frame) > 0, artifact
-        latency = report._artifact_csv(row.run_id, "latency.csv", tmp_path / "artifacts")
+        latency = report._artifact_table(row.run_id, "latency.csv", tmp_path / "artifacts")
         assert latency is not None and set(latency["precision"]) == {"int8", "fp32"}
     assert predictions[0] != predictions[1]  # two calibrations, two models: neither row is the other's copy
     mob = table[table["model"] == "mob-s"].iloc[0]
