@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import stats
 
 from ptq import tracking
+from ptq.backends import PRECISIONS
 from ptq.errors import PtqError
 from ptq.monitor import PROCESS_RSS
 
@@ -108,9 +109,14 @@ def load_runs(experiments: list[str], device: str = "", model: str = "", precisi
     if isinstance(runs, list):  # search_runs returns a DataFrame unless asked otherwise
         runs = pd.DataFrame()
     if len(runs):
-        keep = runs.get("params.model", pd.Series(dtype=object)).notna()
+        # study runs only: a report's own run (under `mlflow run -e report` it logs model/precision filters as
+        # params, maybe empty) and a sweep's parent have no precision ptq measured
+        def values(name: str) -> pd.Series:
+            return runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)
+
+        keep = values("params.precision").isin(PRECISIONS) & (values("tags.ptq.kind") != "report")
         if device:  # MLflow's filter has no OR: the name reports use, or the host name of older runs and scripts
-            keep &= (runs.get("tags.device.name", pd.Series(dtype=object)) == device) | (runs.get("tags.device.host", pd.Series(dtype=object)) == device)
+            keep &= (values("tags.device.name") == device) | (values("tags.device.host") == device)
         runs = runs[keep]
     if runs.empty:
         what = ", ".join(f"{k}={v}" for k, v in (("device", device), ("model", model), ("precision", precision)) if v) or "no filter"
@@ -351,6 +357,7 @@ def build(experiments: list[str], out: Path, device: str = "", model: str = "", 
         with mlflow.start_run(run_name="report") as active:
             params = {"experiments": ",".join(experiments), "device": device, "model": model, "precision": precision, "runs": str(len(table))}
             mlflow.log_params(tracking.new_params(active.info.run_id, params))
+            mlflow.set_tag("ptq.kind", "report")
             for f in files:
                 mlflow.log_artifact(str(f))
     return Report(out, table, files)

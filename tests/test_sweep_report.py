@@ -240,3 +240,7 @@ def test_report_and_sweep_entry_points(small_dir: Path, tmp_path: Path, store: P
     project_run = mlflow.search_runs(experiment_ids=["0"]).iloc[0]  # the report entry point's own run
     assert project_run.status == "FINISHED" and project_run["params.runs"] == "1"
     assert "report.md" in {a.path for a in mlflow.MlflowClient().list_artifacts(project_run.run_id)}
+    # a report run filed beside the study runs is never read as one of them
+    out = subprocess.run([*mlflow_run, "-e", "report", "--experiment-name", "ptq", "-P", f"out={tmp_path / 'rep2'}"], capture_output=True, text=True, timeout=600, env=env, cwd=store)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(report.build(["ptq"], tmp_path / "rep3", log_run=False).table) == 1
