@@ -240,3 +240,13 @@ def test_an_offline_run_left_running_by_a_dead_process_is_uploaded_killed(tmp_pa
         uploaded = server.search_runs([server.get_experiment_by_name("ptq").experiment_id])[0]  # type: ignore[union-attr]
         assert uploaded.info.status == "KILLED" and "ended without closing the run" in uploaded.data.tags["ptq.error"]
         assert uploaded.data.metrics["size/fp32_bytes"] == 1.0
+
+
+def test_sync_with_wrong_credentials_fails_even_with_nothing_to_upload(tmp_path: Path) -> None:
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, auth=True) as uri:
+        env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong-password",
+               "PTQ_CACHE_DIR": str(tmp_path / "empty-cache")}
+        proc = ptq(["sync"], env, cwd=tmp_path)
+        _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "refused the credentials" in lines[0], err[-2000:]
