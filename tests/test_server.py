@@ -156,6 +156,7 @@ def postgres(tmp_path: Path) -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # the SQLite twin runs by default; this adds the PostgreSQL backend store (79 s)
 def test_shared_server_postgresql(small_dir: Path, tmp_path: Path, postgres: str) -> None:
     devices_and_outage(postgres, tmp_path, small_dir)
 
