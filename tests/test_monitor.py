@@ -164,7 +164,9 @@ def test_cpu_rates_cover_each_interval_whichever_thread_samples() -> None:
     assert len(busy) >= 6
     floor = 100 / psutil.cpu_count() * 0.6
     assert all(s.values[CPU] > floor for s in busy), [(s.phase, round(s.dt, 3), s.values[CPU]) for s in busy]
-    assert all(floor < s.values[PROCESS_CPU] <= s.values[CPU] * 1.1 + 1 for s in busy)  # the process's share, same unit
+    # the process's share in the same unit, % of the whole machine: one busy core is about 100/cores, never ~100 per core
+    # (its interval and the system's differ by the sampling's own microseconds, so no tighter bound than that)
+    assert all(floor < s.values[PROCESS_CPU] <= 100 / psutil.cpu_count() * 1.5 for s in busy), [(round(s.dt, 3), s.values[PROCESS_CPU]) for s in busy]
 
 
 def test_failing_source_warns_once_and_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
