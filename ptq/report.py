@@ -10,9 +10,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from ptq import tracking
+from ptq import bench, tracking
 from ptq.backends import PRECISIONS
 from ptq.errors import PtqError
 from ptq.monitor import PROCESS_RSS
@@ -178,9 +177,7 @@ def config_columns(table: pd.DataFrame) -> list[str]:
 
 def mcnemar(predictions: pd.DataFrame) -> float:
     """Exact McNemar p-value for FP32 vs compressed top-1 on the same images (binomial test on discordant pairs)."""
-    b = int(((predictions["fp32_correct"] == 1) & (predictions["correct"] == 0)).sum())
-    c = int(((predictions["fp32_correct"] == 0) & (predictions["correct"] == 1)).sum())
-    return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
+    return bench.mcnemar_p(predictions["correct"].to_numpy() == 1, predictions["fp32_correct"].to_numpy() == 1)
 
 
 def _artifact_table(run_id: str, path: str, folder: Path) -> pd.DataFrame | None:
