@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,7 +111,7 @@ def warm_up(session: Session, batch: np.ndarray, queries: int) -> None:
 
 
 Clock = Callable[[], float]
-PhaseFactory = Callable[[str], AbstractContextManager[None]]
+PhaseFactory = Callable[[str], ContextManager[None]]
 
 
 def time_blocks(

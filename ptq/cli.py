@@ -1,30 +1,34 @@
-"""The `ptq` command line (typer): parses parameters and calls the library, nothing more."""
+"""The `ptq` command line (typer): parses parameters and calls the library, nothing more.
 
-from __future__ import annotations
+Annotations here are evaluated (typer reads them), so they use typing's spellings, which Python 3.8 understands.
+"""
 
+import dataclasses
+import functools
+import inspect
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Annotated, Optional, TextIO
+from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 import typer
+from typing_extensions import Annotated
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ptq import models, pipeline, summary, tracking
+from ptq import doctor, models, pipeline, summary, tracking
 from ptq import report as reports
 from ptq import sweep as sweeps
 from ptq import sync as syncs
+from ptq.backends import BACKENDS, format_value, options_class, user_options
 from ptq.config import RunConfig
 from ptq.errors import PtqError, stop_on_signals
-from ptq.quantize import QuantOptions
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure what post-training quantization costs and buys on this device.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Measure what post-training quantization costs and buys on this device.")
 console = Console(stderr=True)
 
 
@@ -38,7 +42,7 @@ def _bool(name: str, text: str) -> bool:
     raise PtqError(f"{name}={text!r} is not a boolean: use true or false")
 
 
-def _triple(text: str) -> tuple[float, float, float] | None:
+def _triple(text: str) -> Optional[Tuple[float, float, float]]:
     if not text:
         return None
     values = tuple(float(v) for v in text.split(","))
@@ -47,34 +51,63 @@ def _triple(text: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def _config(model: str, precision: str, backend: str, calib_method: str, options: dict[str, object]) -> RunConfig:
+def _config(params: Dict[str, Any]) -> RunConfig:
     """A RunConfig from parsed options; CLI spellings (0 = default, true/false strings) resolved here."""
-    o = dict(options)
-    quant = QuantOptions(
-        calib_method=calib_method,
-        per_channel=_bool("per_channel", str(o.pop("per_channel"))),
-        activation_type=str(o.pop("activation_type")),
-        weight_type=str(o.pop("weight_type")),
-        quant_format=str(o.pop("quant_format")),
-        percentile=float(o.pop("percentile")),  # type: ignore[arg-type]
-        calib_bins=int(o.pop("calib_bins")),  # type: ignore[call-overload]
-    )
+    o = dict(params)
     return RunConfig(
-        model=model,
-        precision=precision,
-        backend=backend,
-        quant=quant,
-        eval_size=int(o.pop("eval_size")) or None,  # type: ignore[call-overload]
-        input_size=int(o.pop("input_size")) or None,  # type: ignore[call-overload]
+        eval_size=int(o.pop("eval_size")) or None,
+        input_size=int(o.pop("input_size")) or None,
         mean=_triple(str(o.pop("mean"))),
         std=_triple(str(o.pop("std"))),
         monitor=_bool("monitor", str(o.pop("monitor"))),
         progress=_bool("progress", str(o.pop("progress"))) and sys.stderr.isatty(),
-        **o,  # type: ignore[arg-type]
+        **o,
     )
 
 
+def backend_option_flags() -> Dict[str, inspect.Parameter]:
+    """One `--flag` per option of any backend, from the backends' Options dataclasses (help and default there);
+    unset (None or "", as MLproject passes it) means the backend's default."""
+    owners: Dict[str, List[str]] = {}
+    fields: Dict[str, dataclasses.Field] = {}  # type: ignore[type-arg]
+    for backend in BACKENDS:
+        for f in user_options(options_class(backend)):
+            owners.setdefault(f.name, []).append(backend)
+            fields.setdefault(f.name, f)
+    return {
+        name: inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Optional[str], typer.Option(help=f"{f.metadata['help']} ({', '.join(owners[name])}; default: {format_value(f.default) or 'none'})", show_default=False)],
+        )
+        for name, f in fields.items()
+    }
+
+
+def take_backend_options(params: Dict[str, Any]) -> Dict[str, str]:
+    """Remove the backend option flags from parsed `params`; return the ones set, as text."""
+    values = {k: params.pop(k, None) for k in backend_option_flags()}
+    return {k: str(v) for k, v in values.items() if v not in (None, "")}
+
+
+def with_backend_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` every backend's options as flags; it receives the ones set as `options` (name -> text)."""
+    flags = backend_option_flags()
+    signature = inspect.signature(command)
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        command(options=take_backend_options(kwargs), **kwargs)
+
+    own = [p for p in signature.parameters.values() if p.name != "options"]
+    wrapper.__signature__ = signature.replace(parameters=[*own, *flags.values()])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**command.__annotations__, **{k: p.annotation for k, p in flags.items()}}
+    return wrapper
+
+
 @app.command()
+@with_backend_options
 def run(
     model: Annotated[str, typer.Option(help="Alias (mob-s, r50, d201, lite0...), torchvision name, or path to an .onnx file")],
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8")] = "int8",
@@ -91,17 +124,6 @@ def run(
     min_queries: Annotated[int, typer.Option(help="Timed queries per model, at least")] = RunConfig.min_queries,
     min_duration_s: Annotated[float, typer.Option(help="Timed seconds per model, at least")] = RunConfig.min_duration_s,
     blocks: Annotated[int, typer.Option(help="Blocks per model, alternating with the FP32 reference, at least")] = RunConfig.blocks,
-    calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile")] = QuantOptions.calib_method,
-    per_channel: Annotated[str, typer.Option(help="Per-channel weight scales: true/false")] = "true",
-    activation_type: Annotated[str, typer.Option(help="uint8 or int8 activations")] = QuantOptions.activation_type,
-    weight_type: Annotated[str, typer.Option(help="int8 or uint8 weights")] = QuantOptions.weight_type,
-    quant_format: Annotated[str, typer.Option(help="qdq or qoperator")] = QuantOptions.quant_format,
-    percentile: Annotated[float, typer.Option(help="Percentile kept by calib_method=percentile")] = QuantOptions.percentile,
-    calib_bins: Annotated[int, typer.Option(help="Histogram bins of entropy/percentile calibration")] = QuantOptions.calib_bins,
-    workspace_mb: Annotated[int, typer.Option(help="TensorRT builder workspace limit (MiB)")] = 1024,
-    int8_mode: Annotated[str, typer.Option(help="TensorRT INT8: auto, implicit (calibrator) or explicit (QDQ)")] = "auto",
-    dla_core: Annotated[int, typer.Option(help="Jetson DLA core for TensorRT (GPU fallback); -1 = GPU")] = -1,
-    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file to reuse")] = None,
     input_size: Annotated[int, typer.Option(help="Input side for model=*.onnx; 0 = 224")] = 0,
     mean: Annotated[str, typer.Option(help="Per-channel mean for model=*.onnx, e.g. 0.5,0.5,0.5")] = "",
     std: Annotated[str, typer.Option(help="Per-channel std for model=*.onnx")] = "",
@@ -109,10 +131,12 @@ def run(
     monitor: Annotated[str, typer.Option("--monitor", help="Sample resources during the run: true/false")] = "true",
     monitor_interval: Annotated[float, typer.Option(help="Seconds between resource samples")] = 1.0,
     progress: Annotated[str, typer.Option(help="Draw progress bars (on a terminal): true/false")] = "true",
+    options: Optional[Dict[str, str]] = None,
 ) -> None:
-    """Quantize, evaluate and benchmark one model; log everything to MLflow."""
-    options = {k: v for k, v in locals().items() if k not in ("model", "precision", "backend", "calib_method")}
-    cfg = _config(model, precision, backend, calib_method, options)
+    """Quantize, evaluate and benchmark one model; log everything to MLflow.
+
+    Backend options (--calib-method, --workspace-mb, ...) apply to the backends named in their help."""
+    cfg = _config(locals())
     with _stopped_by_signal(), _stdout_to_stderr() as stdout:
         run_id = pipeline.run(cfg)
         stored = tracking.stored_run(run_id)
@@ -149,7 +173,7 @@ def _stopped_by_signal() -> Iterator[None]:
         raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
 
 
-def _names(text: str) -> list[str]:
+def _names(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -161,7 +185,7 @@ def sweep(
     models_: Annotated[str, typer.Option("--models", help="Comma-separated models (added to the preset's)")] = "",
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions")] = "fp32,fp16,int8",
     backends: Annotated[str, typer.Option(help="Comma-separated backends")] = "ort",
-    calib_methods: Annotated[str, typer.Option(help="Comma-separated INT8 calibration methods")] = QuantOptions.calib_method,
+    calib_methods: Annotated[str, typer.Option(help="Comma-separated INT8 calibration methods (default: the backend's)")] = "",
 ) -> None:
     """Run a grid of models x precisions x backends as child runs of one parent run; resumable.
 
@@ -170,13 +194,12 @@ def sweep(
     if preset and preset not in sweeps.PRESETS:
         raise PtqError(f"unknown preset {preset!r}: use one of {', '.join(sweeps.PRESETS)}")
     grid_models = [*sweeps.PRESETS.get(preset, ()), *_names(models_)]
-    methods = _names(calib_methods) or [QuantOptions.calib_method]
     run_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
     parsed = run_command.make_context("run", ["--model", "-", *ctx.args]).params  # the run options, parsed as `ptq run` would
-    options = {k: v for k, v in parsed.items() if k not in ("model", "precision", "backend", "calib_method")}
-    base = _config(grid_models[0] if grid_models else "", "fp32", "ort", methods[0], options)
+    parsed.update(model=grid_models[0] if grid_models else "", precision="fp32", backend="ort", options=take_backend_options(parsed))
+    base = _config(parsed)
     with _stopped_by_signal(), _stdout_to_stderr():
-        result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), methods)
+        result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), _names(calib_methods))
     table = Table(*summary.SWEEP_COLUMNS, title=f"sweep {result.parent_run_id}", title_justify="left")
     for child in tracking.child_runs(result.parent_run_id):
         table.add_row(*summary.sweep_row(child.data.params, child.data.metrics, child.info.status))
@@ -207,6 +230,27 @@ def sync_runs(target: Annotated[str, typer.Option(help="Server URI; default: the
     """Upload runs recorded while the tracking server was unreachable; running it twice uploads nothing twice."""
     result = syncs.sync(target or None)
     console.print(f"uploaded {len(result.uploaded)}, already there {len(result.already)}, still running {len(result.waiting)}")
+
+
+@app.command("export")
+def export_model(
+    model: Annotated[str, typer.Option(help="Alias (mob-s, r50, d201, lite0...) or torchvision name")],
+    out: Annotated[Path, typer.Option(help="The .onnx file to write")],
+    weights: Annotated[str, typer.Option(help="pretrained or random")] = "pretrained",
+) -> None:
+    """Export a model to ONNX with its preprocessing inside, for a device without torch (`ptq run --model FILE.onnx`)."""
+    path = pipeline.export_model(model, weights, out)
+    console.print(f"wrote {path}: on the device, `ptq run --model {path.name} ...` prepares images as here", soft_wrap=True, highlight=False)
+
+
+@app.command("doctor")
+def doctor_command(root: Annotated[Path, typer.Option(help="Read the board's files under this folder instead of / (a captured layout)")] = Path("/")) -> None:
+    """What this device can measure before a study: versions, backends, power/GPU/thermal sources, power mode and
+    clocks, memory and disk, and what would make numbers unreliable."""
+    checks = doctor.diagnose(root)
+    Console().print(doctor.render(checks))
+    warned = doctor.warnings_for_run(checks)
+    Console().print(f"{len(warned)} warning(s) runs here will carry as tags" + (": " + ", ".join(warned) if warned else ""), soft_wrap=True)
 
 
 @app.command("models")

@@ -6,11 +6,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ptq.backends import PRECISIONS, EngineOptions
+from typing import Any, Dict
+
+from ptq.backends import PRECISIONS, backend_class, option_params
 from ptq.bench import LatencyMethod
 from ptq.errors import PtqError
 from ptq.models import WEIGHTS
-from ptq.quantize import QuantOptions
 
 
 @dataclass
@@ -32,11 +33,7 @@ class RunConfig:
     min_queries: int = LatencyMethod.min_queries
     min_duration_s: float = LatencyMethod.min_duration_s
     blocks: int = LatencyMethod.blocks
-    quant: QuantOptions = field(default_factory=QuantOptions)
-    workspace_mb: int = EngineOptions.workspace_mb
-    int8_mode: str = EngineOptions.int8_mode
-    dla_core: int = EngineOptions.dla_core
-    timing_cache: Path | None = None
+    options: Dict[str, str] = field(default_factory=dict)  # the backend's own options the user set (see backends)
     input_size: int | None = None  # for model=*.onnx
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -51,6 +48,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Refuse bad parameters before any work is done."""
+        backend_class(self.backend)  # an unknown backend is named before anything else
         if self.precision not in PRECISIONS:
             raise PtqError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.weights not in WEIGHTS:
@@ -75,14 +73,11 @@ class RunConfig:
                 raise PtqError(f"{name}={getattr(self, name)} must be 0 or more")
         if self.monitor_interval <= 0:
             raise PtqError(f"monitor_interval={self.monitor_interval} must be positive (seconds)")
-        self.quant.validate()
-        self.engine().validate()
+        self.backend_options()
 
-    def engine(self) -> EngineOptions:
-        """Builder settings for engine-compiling backends; the profile spans the latency and evaluation batches."""
-        return EngineOptions(
-            self.workspace_mb, self.int8_mode, self.dla_core, self.timing_cache, self.batch_size, max(self.batch_size, self.eval_batch_size)
-        )
+    def backend_options(self) -> Any:
+        """The chosen backend's options: its defaults, overridden by what the user set; refuses another backend's."""
+        return backend_class(self.backend).options(self.options)
 
     def latency(self) -> LatencyMethod:
         """How latency is timed: warm-up, blocks, minimum queries and duration, at the latency batch size."""
@@ -95,8 +90,8 @@ class RunConfig:
 
     def params(self) -> dict[str, str]:
         """Flat string params for MLflow, spelled as the CLI and MLproject take them (0 = default, true/false)."""
-        flat = {k: v for k, v in asdict(self).items() if k not in ("quant", "progress")}
-        flat.update(asdict(self.quant))
+        flat: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ("options", "progress")}
+        flat.update(option_params(self.backend_options()))
         flat.update(eval_size=self.eval_size or 0, input_size=self.input_size or 0, threads_used=self.threads_used)
         out = {}
         for key, value in flat.items():

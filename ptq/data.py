@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 def imagenet_classes() -> list[tuple[str, str]]:
     """The 1000 ImageNet (wnid, name) pairs in torchvision's class order (sorted wnids)."""
-    text = resources.files("ptq").joinpath("imagenet_classes.tsv").read_text()
+    text = (Path(__file__).parent / "imagenet_classes.tsv").read_text()
     return [tuple(line.split("\t", 1)) for line in text.splitlines() if line]  # type: ignore[misc]
 
 
@@ -156,7 +155,7 @@ def _decode(path: Path, t: Transform) -> np.ndarray | None:
     try:
         with Image.open(path) as src:
             img = src.convert("RGB")
-        size = _resized_size(*img.size, t.resize)
+        size = _resized_size(img.size[0], img.size[1], t.resize)
         if size != img.size:
             img = img.resize(size, PIL_FILTERS[t.interpolation])
         left, top = _crop_offset(img.size[0], t.crop), _crop_offset(img.size[1], t.crop)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import onnx
-import torch
-from torch import nn
 
 from ptq.errors import PtqError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 IMAGENET_CLASSES = 1000
@@ -18,8 +22,12 @@ OPSET = 17  # parsed by TensorRT 8.5 (JetPack 5) and 10 (JetPack 6) alike
 
 def to_onnx(module: nn.Module, crop: int, path: Path) -> Path:
     """Export `module` in eval mode for NCHW float32 input of side `crop`; batch stays dynamic."""
+    import torch
+
     module = module.eval()
     dummy = torch.zeros(1, 3, crop, crop)
+    # The TorchScript exporter: torch 2.9+ defaults to the dynamo one, which `dynamo=False` (2.4+) declines.
+    legacy: dict[str, Any] = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(
@@ -30,10 +38,34 @@ def to_onnx(module: nn.Module, crop: int, path: Path) -> Path:
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=OPSET,
-            dynamo=False,
+            **legacy,
         )
     check(path)
     return path
+
+
+PREPROCESSING = "ptq.preprocessing"  # metadata key: how images must be prepared for this model (JSON)
+
+
+def stamp(path: Path, preprocessing: dict[str, Any]) -> None:
+    """Write the model's eval preprocessing (and name) into the ONNX file's metadata, so a device that runs the file
+    alone (`model=path.onnx`, no torch) prepares images exactly as torchvision did on the host."""
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != PREPROCESSING]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=PREPROCESSING, value=json.dumps(preprocessing, sort_keys=True))
+    onnx.save(model, str(path))
+
+
+def preprocessing(path: Path) -> dict[str, Any] | None:
+    """The preprocessing `stamp` wrote into an ONNX file, or None for a file exported elsewhere."""
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == PREPROCESSING:
+            value: dict[str, Any] = json.loads(prop.value)
+            return value
+    return None
 
 
 def check(path: Path) -> onnx.ModelProto:

@@ -6,13 +6,14 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
-import torch
 from PIL import Image
-from torch import nn
 
 from ptq.errors import PtqError
+
+if TYPE_CHECKING:  # torch is needed only to build a model; model=*.onnx runs without it (a Jetson may have none)
+    from torch import nn
 
 WEIGHTS = ("pretrained", "random")
 
@@ -28,7 +29,7 @@ TORCHVISION_ALIASES: dict[str, str] = {
 }
 
 # torchvision's InterpolationMode values and the PIL filters its PIL path resizes with (functional.pil_modes_mapping).
-PIL_FILTERS: dict[str, Image.Resampling] = {
+PIL_FILTERS: Dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "nearest-exact": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -57,6 +58,10 @@ class Transform:
         if self.interpolation not in PIL_FILTERS:
             raise PtqError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(PIL_FILTERS)}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (what `ptq export` writes into an ONNX file)."""
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+
     def key(self) -> str:
         """Stable text identifying this transform (part of the tensor-cache key)."""
         return (
@@ -82,11 +87,16 @@ class ModelSpec:
 def verify_checkpoint(path: Path) -> None:
     """Refuse a corrupt or partial torch.hub checkpoint before torch unpickles it: its name carries the first hex
     digits of its SHA-256 (torch.hub's HASH_REGEX), which torch checks only while downloading."""
+    import torch
+
     match = torch.hub.HASH_REGEX.search(path.name)
     if not match or not match.group(1):
         return
+    sha = hashlib.sha256()
     with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    digest = sha.hexdigest()
     if not digest.startswith(match.group(1)):
         raise PtqError(
             f"checkpoint {path} is corrupt or incomplete (its SHA-256 does not start with {match.group(1)}): "
@@ -95,6 +105,7 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def _torchvision_spec(alias: str, tv_name: str) -> ModelSpec:
+    import torch
     import torchvision.models as tvm
 
     weights = tvm.get_model_weights(tv_name).DEFAULT
@@ -180,8 +191,11 @@ def _lite_spec(name: str) -> ModelSpec:
 
 
 def torchvision_classifiers() -> list[str]:
-    """All torchvision ImageNet classifiers, by torchvision's own names."""
-    import torchvision.models as tvm
+    """All torchvision ImageNet classifiers, by torchvision's own names (none where torchvision is not installed)."""
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        return []
 
     return sorted(tvm.list_models(module=tvm))
 
@@ -202,6 +216,12 @@ def resolve(
         path = Path(name)
         if not path.is_file():
             raise PtqError(f"ONNX model {path} does not exist: check the path given as model=")
+        from ptq.export import preprocessing
+
+        stamped = preprocessing(path) if input_size is None and mean is None and std is None else None
+        if stamped is not None:  # exported by `ptq export`: the same images as on the host
+            transform = Transform(stamped["resize"], stamped["crop"], tuple(stamped["mean"]), tuple(stamped["std"]), stamped["interpolation"])  # type: ignore[arg-type]
+            return ModelSpec(name=stamped["model"], source="onnx", transform=transform, onnx_path=path)
         size = input_size or 224
         return ModelSpec(
             name=path.stem,
@@ -216,10 +236,19 @@ def resolve(
     tv_name = TORCHVISION_ALIASES.get(name, name)
     if tv_name in torchvision_classifiers():
         return _torchvision_spec(name, tv_name)
+    if name in TORCHVISION_ALIASES and not torchvision_installed():
+        raise PtqError(f"model {name} needs torch and torchvision, which are not installed here: pip install 'ptq[torch]', or export it to ONNX on a host and pass model=path.onnx")
     raise PtqError(
         f"unknown model {name!r}: use one of {', '.join(known_names())}, any torchvision classifier name "
         f"(see `ptq models --all`), or a path to an .onnx file"
     )
+
+
+def torchvision_installed() -> bool:
+    """Whether torch and torchvision can be imported (checked without importing them)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
 
 
 def count_params(module: nn.Module) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 
+from ptq.compat import removeprefix, removesuffix
 from ptq.phases import Phases
 
 log = logging.getLogger(__name__)
@@ -301,12 +302,49 @@ class JtopSource(Source):
 
 def power_source(series: str) -> str:
     """A power series' short name for per-phase figures: gpu_0, cpu_package, total, or the Jetson rail's."""
-    return series.removeprefix("system/").removesuffix(POWER_SUFFIX).removesuffix("_power_usage").removeprefix("power_")
+    return removeprefix(removesuffix(removesuffix(removeprefix(series, "system/"), POWER_SUFFIX), "_power_usage"), "power_")
+
+
+class FirstOf(Source):
+    """The first of several sources of the same quantities that opens here, so that each series has one writer;
+    where none opens, the error names each one's reason."""
+
+    def __init__(self, name: str, candidates: list[Source]) -> None:
+        self.name, self.candidates = name, candidates
+        self.active: Source | None = None
+        self.skipped: dict[str, str] = {}
+
+    def open(self) -> None:
+        for src in self.candidates:
+            try:
+                src.open()
+            except Exception as exc:
+                self.skipped[src.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:150]
+                continue
+            self.active = src
+            return
+        raise RuntimeError("; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
+
+    def read(self) -> dict[str, float]:
+        assert self.active is not None
+        return self.active.read()
+
+    def tags(self) -> dict[str, str]:
+        assert self.active is not None
+        skipped = {f"monitor.{self.name}.{k}": f"absent ({v})" for k, v in self.skipped.items()}
+        return {f"monitor.{self.name}": f"on ({self.active.name})", **skipped, **self.active.tags()}
+
+    def close(self) -> None:
+        if self.active is not None:
+            self.active.close()
 
 
 def default_sources() -> list[Source]:
-    """Every source this machine might have; absent ones drop out at `open`."""
-    return [PsutilSource(), NvmlSource(), JtopSource(), RaplSource()]
+    """Every source this machine might have; absent ones drop out at `open`. On a Jetson: jtop where its service
+    answers, else the board's own files, else tegrastats."""
+    from ptq.jetson import JetsonSysfsSource, TegrastatsSource
+
+    return [PsutilSource(), NvmlSource(), FirstOf("jetson", [JtopSource(), JetsonSysfsSource(), TegrastatsSource()]), RaplSource()]
 
 
 @dataclass
@@ -502,7 +540,7 @@ class Monitor:
         for ax, key in zip(axes[:, 0], wanted):
             pts = [(s.t, s.values[key]) for s in self.samples if key in s.values]
             ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".", lw=1)
-            ax.set_ylabel(key.removeprefix("system/").replace("_", " "), fontsize=7)
+            ax.set_ylabel(removeprefix(key, "system/").replace("_", " "), fontsize=7)
             ax.grid(alpha=0.3)
             for phase, a, b in spans:
                 ax.axvspan(a, b, color=palette[phase], alpha=0.25, lw=0)

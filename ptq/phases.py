@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Callable, Optional
 
-Listener = Callable[[str | None], None]
+Listener = Callable[[Optional[str]], None]
 
 
 class Phases:

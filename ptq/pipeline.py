@@ -10,16 +10,20 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
 
-from ptq import bench, data, disk, export, models, quantize, summary, tracking
+from ptq import bench, data, disk, doctor, export, models, quantize, summary, tracking
 from ptq.backends import Backend, Compressed, CompressJob, get_backend
 from ptq.config import RunConfig
+from ptq.errors import PtqError
 from ptq.monitor import Monitor
 from ptq.phases import Phases
 from ptq.progress import track
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,13 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
     dataset = data.scan(cfg.data)
     split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)
     data.require_readable(dataset, split, dataset.readable, calibrate=cfg.precision == "int8")
-    torch.manual_seed(cfg.split_seed)  # weights=random is reproducible too
-    module = spec.build(cfg.weights) if spec.build else None
+    options = cfg.backend_options()
+    module = None
+    if spec.build:
+        import torch
+
+        torch.manual_seed(cfg.split_seed)  # weights=random is reproducible too
+        module = spec.build(cfg.weights)
     tracking.select_store()
     fp32_bytes = spec.onnx_path.stat().st_size if spec.onnx_path is not None else 4 * models.count_params(module)  # type: ignore[arg-type]
     # temp: fp32, pre-processed, augmented, compressed, and a model folder staged while logging it; store: both models twice
@@ -53,6 +62,7 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
         "ptq.model_source": spec.source,
         "ptq.accuracy": "measured" if cfg.weights == "pretrained" else "none (weights=random)",
         "ptq.backend_device": backend.device(),
+        **doctor.run_warnings(),
         **{f"version.{k}": v for k, v in backend.versions().items()},
         **(extra_tags or {}),
     }
@@ -64,7 +74,7 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
         try:
             if monitor:
                 monitor.start()
-            _execute(cfg, spec, module, backend, dataset, split, phases, monitor, rec, Path(tmp))
+            _execute(cfg, spec, module, backend, options, dataset, split, phases, monitor, rec, Path(tmp))
             failed = False
         finally:
             if monitor:
@@ -77,6 +87,21 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
                     log.warning("the monitor's data could not be logged (%s); the run's own error follows", exc)
         _log_summary(rec, cfg)
         return rec.run_id
+
+
+def export_model(name: str, weights: str, out: Path) -> Path:
+    """Export a torch model (with `weights`) to an ONNX file carrying its preprocessing: what a torch-free device runs."""
+    if weights not in models.WEIGHTS:
+        raise PtqError(f"unknown weights {weights!r}: use one of {', '.join(models.WEIGHTS)}")
+    if out.suffix != ".onnx":
+        raise PtqError(f"out={out} must end in .onnx")
+    spec = models.resolve(name)
+    if spec.build is None:
+        raise PtqError(f"{name} is already an ONNX file: copy it to the device as it is")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export.to_onnx(spec.build(weights), spec.transform.crop, out)
+    export.stamp(out, {"model": spec.name, **spec.transform.as_dict()})
+    return out
 
 
 def _log_monitor(rec: tracking.Recorder, monitor: Monitor, work: Path) -> None:
@@ -101,8 +126,9 @@ def _log_monitor(rec: tracking.Recorder, monitor: Monitor, work: Path) -> None:
 def _execute(
     cfg: RunConfig,
     spec: models.ModelSpec,
-    module: torch.nn.Module | None,
+    module: Optional[nn.Module],
     backend: Backend,
+    options: Any,
     dataset: data.Dataset,
     split: data.Split,
     phases: Phases,
@@ -117,6 +143,7 @@ def _execute(
         else:
             assert module is not None
             export.to_onnx(module, spec.transform.crop, fp32_path)
+            export.stamp(fp32_path, {"model": spec.name, **spec.transform.as_dict()})
     rec.metrics({"size/fp32_bytes": fp32_path.stat().st_size})
     if module is not None:
         rec.metrics({"model/params": models.count_params(module)})
@@ -137,7 +164,7 @@ def _execute(
         for s in track(starts, total=len(starts), description="calibrate", enabled=cfg.progress):
             yield tensors.batch(calib_idx[s : s + batch_size])
 
-    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, cfg.quant, phases, work, cfg.engine())
+    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, options, phases, work, (cfg.batch_size, max(cfg.batch_size, cfg.eval_batch_size)))
     compressed = backend.compress(job)
     with phases("build"):
         session = backend.open(compressed, cfg.threads_used)
@@ -214,7 +241,7 @@ def _log_models(rec: tracking.Recorder, fp32_path: Path, compressed: Compressed)
     formats = {".onnx": "onnx", ".engine": "tensorrt", ".pt": "torch"}
 
     def log(path: Path, role: str, numerics: str, files: tuple[Path, ...]) -> str:
-        precision, kind = path.stem.removeprefix("model_"), formats.get(path.suffix, path.suffix.lstrip("."))
+        precision, kind = path.stem[len("model_") :], formats.get(path.suffix, path.suffix.lstrip("."))
         return rec.model(path, f"{precision}-{kind}", kind, {"precision": precision}, {"numerics": numerics, "ptq.role": role}, files)
 
     if compressed.path != fp32_path:

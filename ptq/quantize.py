@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import itertools
+import json
 import logging
 import tempfile
 import warnings
@@ -10,50 +13,56 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Tuple
+from unittest import mock
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    create_calibrator,
-    quant_pre_process,
-    quantize_static,
-    save_tensors_data,
-)
 
+from ptq.backends import option
 from ptq.errors import PtqError
 from ptq.export import input_name
 from ptq.phases import Phases
 
 log = logging.getLogger(__name__)
 
-CALIB_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
-QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-QUANT_FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+# Names ptq takes -> ONNX Runtime's enum members; ONNX Runtime itself is imported only where a model is quantized,
+# so a device that runs TensorRT alone needs none of it.
+CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
+QUANT_FORMATS = {"qdq": "QDQ", "qoperator": "QOperator"}
+
+
+def ort_enums(options: QuantOptions) -> dict[str, Any]:
+    """`quantize_static`'s keyword arguments for these options, as ONNX Runtime's enums."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    return {
+        "quant_format": getattr(QuantFormat, QUANT_FORMATS[options.quant_format]),
+        "per_channel": options.per_channel,
+        "activation_type": getattr(QuantType, QUANT_TYPES[options.activation_type]),
+        "weight_type": getattr(QuantType, QUANT_TYPES[options.weight_type]),
+        "calibrate_method": getattr(CalibrationMethod, CALIB_METHODS[options.calib_method]),
+    }
 
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """The INT8 technique knobs the study compares. Defaults are the best measured on lite0/r50 here (BENCHMARKS.md)."""
+    """ONNX Runtime's INT8 technique knobs, the ones the study compares: the ort backend's options. Defaults are the
+    best measured on lite0/r50 here (BENCHMARKS.md)."""
 
-    calib_method: str = "minmax"
-    per_channel: bool = True
-    activation_type: str = "uint8"  # int8 activations made r50 slower than FP32 on an AVX-512 VNNI CPU
-    weight_type: str = "int8"
-    quant_format: str = "qdq"
-    percentile: float = 99.999
+    calib_method: str = option("minmax", "minmax, entropy or percentile")
+    per_channel: bool = option(True, "Per-channel weight scales: true/false")
+    activation_type: str = option("uint8", "uint8 or int8 activations")  # int8 made r50 slower than FP32 on an AVX-512 VNNI CPU
+    weight_type: str = option("int8", "int8 or uint8 weights")
+    quant_format: str = option("qdq", "qdq or qoperator")
+    percentile: float = option(99.999, "Percentile kept by calib_method=percentile")
     # Histogram bins for entropy/percentile. ONNX Runtime's entropy default (128 bins, 128 quantized bins)
     # leaves a single candidate threshold, the full range, which makes it identical to minmax; 2048 is TensorRT's.
-    calib_bins: int = 2048
-    symmetric_activations: bool = False  # TensorRT's explicit quantization needs symmetric int8 activations
-    calib_batch: int = 8
+    calib_bins: int = option(2048, "Histogram bins of entropy/percentile calibration")
+    keep_float: Tuple[str, ...] = option((), "ONNX node names kept in float, comma-separated (mixed precision)")
+    symmetric_activations: bool = option(False, "", user=False)  # TensorRT's explicit quantization needs symmetric int8 activations
+    calib_batch: int = option(8, "", user=False)
 
     def validate(self) -> None:
         """Refuse unknown values before any work is done."""
@@ -77,16 +86,16 @@ def even_batch(images: int, preferred: int) -> int:
     return max(d for d in range(1, max(1, min(preferred, images)) + 1) if images % d == 0) if images else 1
 
 
-class BatchReader(CalibrationDataReader):
-    """Feeds calibration images to ONNX Runtime's calibrator in batches."""
+def batch_reader(input_name: str, batches: Iterator[np.ndarray]) -> Any:
+    """An ONNX Runtime CalibrationDataReader that feeds calibration images in batches."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __init__(self, input_name: str, batches: Iterator[np.ndarray]) -> None:
-        self.input_name = input_name
-        self.batches = batches
+    class BatchReader(CalibrationDataReader):  # type: ignore[misc]
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(batches, None)
+            return None if batch is None else {input_name: batch}
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self.batches, None)
-        return None if batch is None else {self.input_name: batch}
+    return BatchReader()
 
 
 @contextmanager
@@ -130,12 +139,14 @@ def to_int8(
     ONNX Runtime's calibrators keep every intermediate tensor of the images of one `collect_data` call
     (about 60 MB per image for lite0: 300 entropy images took 19 GB), so images go in chunks of
     CALIB_CHUNK_IMAGES; ranges and histograms merge across calls."""
+    from onnxruntime.quantization import create_calibrator, quant_pre_process
+
     options.validate()
-    method = CALIB_METHODS[options.calib_method]
+    enums = ort_enums(options)
     calib_extra: dict[str, object] = {"symmetric": options.symmetric_activations}
-    if method is not CalibrationMethod.MinMax:
+    if options.calib_method != "minmax":
         calib_extra["num_bins"] = options.calib_bins
-    if method is CalibrationMethod.Percentile:
+    if options.calib_method == "percentile":
         calib_extra["percentile"] = options.percentile
     with tempfile.TemporaryDirectory(prefix="ptq-quant-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
@@ -152,28 +163,57 @@ def to_int8(
                 pre,
                 None,
                 augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                calibrate_method=method,
+                calibrate_method=enums["calibrate_method"],
                 extra_options=calib_extra,
             )
             name = input_name(src)
-            while chunk := list(itertools.islice(batches, max(1, CALIB_CHUNK_IMAGES // options.calib_batch))):
-                calibrator.collect_data(BatchReader(name, iter(chunk)))
-            save_tensors_data(calibrator.compute_data(), calib_cache)
+            while True:
+                chunk = list(itertools.islice(batches, max(1, CALIB_CHUNK_IMAGES // options.calib_batch)))
+                if not chunk:
+                    break
+                calibrator.collect_data(batch_reader(name, iter(chunk)))
+            ranges = calibrator.compute_data()
+            save_ranges(ranges, calib_cache)
             del calibrator
         with phases("quantize"), _quiet_root_logger():
-            quantize_static(
-                str(pre),
-                str(dst),
-                None,
-                quant_format=QUANT_FORMATS[options.quant_format],
-                per_channel=options.per_channel,
-                activation_type=QUANT_TYPES[options.activation_type],
-                weight_type=QUANT_TYPES[options.weight_type],
-                calibrate_method=method,
-                calibration_cache_path=calib_cache,
-                extra_options={"ActivationSymmetric": options.symmetric_activations},
-            )
+            quantize_from_ranges(pre, dst, ranges, calib_cache, options)
     return graph
+
+
+def save_ranges(ranges: Any, path: Path) -> None:
+    """Write calibration ranges as ONNX Runtime's JSON calibration cache where it has one (1.27+), else as
+    {tensor: [low, high]}, which says the same for the record."""
+    try:
+        from onnxruntime.quantization import save_tensors_data
+    except ImportError:
+        path.write_text(json.dumps({k: [float(np.asarray(v.range_value[0]).ravel()[0]), float(np.asarray(v.range_value[1]).ravel()[0])] for k, v in ranges.data.items()}))
+        return
+    save_tensors_data(ranges, path)
+
+
+def quantize_from_ranges(src: Path, dst: Path, ranges: Any, calib_cache: Path, options: QuantOptions) -> None:
+    """`quantize_static` from ranges computed beforehand, so calibration and quantization are timed apart. ONNX
+    Runtime 1.27+ loads them from its calibration cache; older releases (the only ones for Python 3.8 and 3.10, so
+    JetPack) always calibrate inside, so there the calibrator it creates hands back these ranges and reads no image."""
+    from onnxruntime.quantization import quantize_static
+
+    kwargs: dict[str, Any] = {**ort_enums(options), "extra_options": {"ActivationSymmetric": options.symmetric_activations}}
+    if options.keep_float:
+        kwargs["nodes_to_exclude"] = list(options.keep_float)
+    if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+        quantize_static(str(src), str(dst), None, calibration_cache_path=calib_cache, **kwargs)
+        return
+
+    class Precomputed:
+        def collect_data(self, _reader: Any) -> None:
+            pass
+
+        def compute_data(self) -> Any:
+            return ranges
+
+    module = importlib.import_module("onnxruntime.quantization.quantize")  # the package exports a function of that name
+    with mock.patch.object(module, "create_calibrator", lambda *a, **k: Precomputed()):
+        quantize_static(str(src), str(dst), batch_reader(input_name(src), iter(())), **kwargs)
 
 
 def describe(options: QuantOptions) -> str:
@@ -183,4 +223,5 @@ def describe(options: QuantOptions) -> str:
     return (
         f"int8 {options.quant_format.upper()}: {options.weight_type} {scales} weights, "
         f"{options.activation_type} {symmetry} activations, {options.calib_method} calibration"
+        + (f"; {len(options.keep_float)} nodes kept in float" if options.keep_float else "")
     )

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ptq import bench, tracking
 from ptq.backends import PRECISIONS
+from ptq.compat import removeprefix
 from ptq.errors import PtqError
 from ptq.monitor import PROCESS_RSS
 
@@ -110,8 +111,10 @@ def load_runs(experiments: list[str], device: str = "", model: str = "", precisi
     if len(runs):
         # study runs only: a report's own run (under `mlflow run -e report` it logs model/precision filters as
         # params, maybe empty) and a sweep's parent have no precision ptq measured
+        frame: pd.DataFrame = runs
+
         def values(name: str) -> pd.Series:
-            return runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)
+            return frame[name] if name in frame else pd.Series(None, index=frame.index, dtype=object)
 
         keep = values("params.precision").isin(PRECISIONS) & (values("tags.ptq.kind") != "report")
         if device:  # MLflow's filter has no OR: the name reports use, or the host name of older runs and scripts
@@ -126,7 +129,7 @@ def load_runs(experiments: list[str], device: str = "", model: str = "", precisi
 def configuration(runs: pd.DataFrame) -> pd.DataFrame:
     """Each run's configuration params beyond the fixed keys: ptq's reading where `mlflow run` logged the user's
     spelling beside it (`resolved.*`), blanked where they mean nothing for that run."""
-    names = [c.removeprefix("params.") for c in runs.columns if c.startswith("params.") and not c.startswith("params.resolved.")]
+    names = [removeprefix(c, "params.") for c in runs.columns if c.startswith("params.") and not c.startswith("params.resolved.")]
     names = [n for n in names if n not in NOT_CONFIGURATION and n not in KEYS]
     frame = pd.DataFrame(index=runs.index)
     for name in names:

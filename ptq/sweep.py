@@ -65,10 +65,10 @@ class SweepResult:
 
 
 def combinations(models: list[str], precisions: list[str], backends: list[str], calib_methods: list[str]) -> list[dict[str, str]]:
-    """The grid, in a stable order; calibration methods vary only for int8."""
+    """The grid, in a stable order; calibration methods vary only for int8 ("" = the backend's default)."""
     grid = []
     for model, precision, backend in itertools.product(models, precisions, backends):
-        for method in calib_methods if precision == "int8" else calib_methods[:1]:
+        for method in calib_methods if precision == "int8" else [""]:
             grid.append({"model": model, "precision": precision, "backend": backend, "calib_method": method})
     return grid
 
@@ -78,7 +78,8 @@ def _key(*parts: object) -> str:
 
 
 def _configure(base: RunConfig, combo: dict[str, str]) -> RunConfig:
-    return replace(base, model=combo["model"], precision=combo["precision"], backend=combo["backend"], quant=replace(base.quant, calib_method=combo["calib_method"]))
+    options = {**base.options, **({"calib_method": combo["calib_method"]} if combo["calib_method"] else {})}
+    return replace(base, model=combo["model"], precision=combo["precision"], backend=combo["backend"], options=options)
 
 
 def resume_identity(fingerprint: dict[str, str], data_hash: str) -> dict[str, object]:
@@ -112,7 +113,7 @@ def run_sweep(
     """Run every combination as a child of one parent run, each in a fresh process (so a native crash costs one
     combination, and peak memory is each run's own); rerunning resumes where the last attempt stopped. `target`
     is what each child runs: a module-level function, as the spawned process imports it by name."""
-    grid = combinations(models, precisions or list(PRECISIONS), backends or ["ort"], calib_methods or [base.quant.calib_method])
+    grid = combinations(models, precisions or list(PRECISIONS), backends or ["ort"], calib_methods or [base.options.get("calib_method", "")])
     if not grid:
         raise PtqError("the sweep is empty: give at least one model, precision and backend")
     for model in models:  # every bad parameter is refused before the first run starts
@@ -144,7 +145,7 @@ def run_sweep(
             mlflow.log_params(tracking.new_params(parent.info.run_id, params))
         try:
             for number, combo in enumerate(grid, 1):
-                label = "/".join(combo.values())
+                label = "/".join(v for v in combo.values() if v)
                 combo_key = _key(identity, combo, key_params)
                 earlier = client.search_runs([experiment_id], f"tags.`ptq.combo_key` = '{combo_key}'")
                 if any(r.info.status == "FINISHED" for r in earlier):

@@ -6,15 +6,17 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
-from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param, Run, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from ptq import tracking
 from ptq.errors import PtqError
+from ptq.tracking import LOGGED_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def sync(target: str | None = None) -> SyncResult:
             done = [r for r in earlier if r.info.status != "RUNNING"]
             for cut_off in (r for r in earlier if r.info.status == "RUNNING" and r.info.run_id != tags.get(tracking.PARTIAL_TAG)):
                 for model in _models(remote, exp_id, cut_off.info.run_id):
-                    remote.delete_logged_model(model.model_id)
+                    remote.delete_logged_model(model.model_id)  # type: ignore[attr-defined]
                 remote.delete_run(cut_off.info.run_id)  # a copy whose sync was cut off midway
             new_id = done[0].info.run_id if done else _copy(local, remote, run, exp_id, remote_ids)
             local.set_tag(rid, SYNCED_TAG, new_id)
@@ -89,13 +91,17 @@ def _server_run(remote: MlflowClient, run_id: str | None) -> Run | None:
         return None
 
 
-def _models(client: MlflowClient, experiment_id: str, run_id: str) -> list[LoggedModel]:
-    """The logged models that run `run_id` produced."""
+def _models(client: Any, experiment_id: str, run_id: str) -> list[Any]:
+    """The logged models that run `run_id` produced (none with MLflow 2, whose models are among the run's artifacts)."""
+    if not LOGGED_MODELS:
+        return []
     return list(client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'", max_results=1000))
 
 
-def _upload_model(remote: MlflowClient, model: LoggedModel, exp_id: str, run_id: str) -> str:
+def _upload_model(remote: Any, model: Any, exp_id: str, run_id: str) -> str:
     """Copy an offline logged model (name, type, params, tags, files) to the server as an output of `run_id`; its id there."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus  # type: ignore[attr-defined,unused-ignore]
+
     new = remote.create_logged_model(exp_id, model.name, run_id, model.tags, model.params, model.model_type)
     with tempfile.TemporaryDirectory(prefix="ptq-sync-") as tmp:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=tmp))
@@ -108,10 +114,14 @@ def _upload_model(remote: MlflowClient, model: LoggedModel, exp_id: str, run_id:
     return new.model_id
 
 
-def _copy_models(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, new_id: str, partial: bool) -> dict[tuple[str, int, int, float], str]:
+def _copy_models(local: Any, remote: Any, run: Run, exp_id: str, new_id: str, partial: bool) -> dict[tuple[str, int, int, float], str]:
     """Upload the offline run's finished logged models to server run `new_id`, and return the server model each
     linked metric point (key, timestamp, step, value) belongs to. Completing a server run lost mid-run keeps the
     models it finished before the loss (by name) and drops those it left unfinished."""
+    if not LOGGED_MODELS:
+        return {}
+    from mlflow.entities import LoggedModelStatus  # type: ignore[attr-defined,unused-ignore]
+
     have: dict[str, str] = {}
     for model in _models(remote, exp_id, new_id) if partial else []:
         if model.status == LoggedModelStatus.READY:
@@ -147,7 +157,7 @@ def _copy(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, remo
     for key in run.data.metrics:
         there = {(m.step, m.timestamp, m.value) for m in remote.get_metric_history(new_id, key)} if partial else set()
         metrics += [
-            Metric(m.key, m.value, m.timestamp, m.step, model_id=links.get((m.key, m.timestamp, m.step, m.value)))
+            Metric(m.key, m.value, m.timestamp, m.step, **({"model_id": links.get((m.key, m.timestamp, m.step, m.value))} if LOGGED_MODELS else {}))
             for m in local.get_metric_history(rid, key)
             if (m.step, m.timestamp, m.value) not in there
         ]

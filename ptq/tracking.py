@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import platform
@@ -28,12 +29,16 @@ import mlflow.onnx
 import numpy as np
 import onnx
 import psutil
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, Run, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from ptq.errors import PtqError
+
+# MLflow 3 logs models as LoggedModels and links metrics to them; MLflow 2 (the last for Python 3.8, on JetPack 5)
+# has neither: there a model is an MLflow 2 model among the run's artifacts (`runs:/<run>/models/<name>`).
+LOGGED_MODELS = hasattr(MlflowClient, "create_logged_model")
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +355,27 @@ def close_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[st
     return closed
 
 
+def _model_folder(folder: Path, meta: Model, path: Path, model_type: str, files: tuple[Path, ...]) -> None:
+    """An MLflow model folder: an .onnx file as an `mlflow.onnx` model (pyfunc-loadable), any other file (an engine,
+    a state dict) stored as it is under a flavor named `model_type`; `files` go with it."""
+    if path.suffix == ".onnx":
+        proto = onnx.load(str(path))
+        extra = "extra_files" in inspect.signature(mlflow.onnx.save_model).parameters  # MLflow 3
+        mlflow.onnx.save_model(
+            proto, str(folder), mlflow_model=meta, signature=_onnx_signature(proto),
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # else MLflow loads the model in a subprocess to infer them
+            onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False, **({"extra_files": [str(f) for f in files]} if extra else {}),
+        )
+        for f in files if not extra else ():
+            shutil.copyfile(f, folder / f.name)
+        return
+    folder.mkdir()
+    for f in (path, *files):
+        shutil.copyfile(f, folder / f.name)
+    meta.add_flavor(model_type, data=path.name)
+    meta.save(str(folder / "MLmodel"))
+
+
 def _onnx_signature(model: onnx.ModelProto) -> ModelSignature:
     """The graph's input and output tensors (symbolic dims as -1): pyfunc checks what it is fed against them,
     without the megabytes of JSON an input example of one image would add to every model."""
@@ -461,9 +487,9 @@ class Recorder:
                 client.log_batch(run_id, tags=args[0][i : i + 100])
         elif kind in ("metrics", "series"):
             metrics = args[0]
-            if kind == "metrics" and self._linked:
+            if kind == "metrics" and self._linked and LOGGED_MODELS:
                 model_id = self.model_ids[self._linked]
-                metrics = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in metrics]
+                metrics = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in metrics]  # type: ignore[call-arg]
             for i in range(0, len(metrics), 1000):
                 client.log_batch(run_id, metrics=metrics[i : i + 1000])
         elif kind == "artifact":
@@ -483,32 +509,31 @@ class Recorder:
         """What `mlflow.onnx.log_model` does, through this Recorder's client alone: no fluent run is started or used
         (a sweep's parent may be active), the active experiment is neither read nor changed, and no metric the
         run already has is linked to the model behind the caller's back."""
-        run = self.client.get_run(self.run_id)
-        model = self.client.create_logged_model(run.info.experiment_id, name, self.run_id, tags, {**run.data.params, **params}, model_type)
+        if not LOGGED_MODELS:
+            with tempfile.TemporaryDirectory(prefix="ptq-model-") as tmp:
+                folder = Path(tmp) / "model"
+                _model_folder(folder, Model(artifact_path=f"models/{name}", run_id=self.run_id), path, model_type, files)
+                self.client.log_artifacts(self.run_id, str(folder), f"models/{name}")
+            self.model_ids[name] = f"runs:/{self.run_id}/models/{name}"
+            self._names[self.model_ids[name]] = name
+            return
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus  # type: ignore[attr-defined,unused-ignore]
+
+        client: Any = self.client  # MLflow 3's API
+        run = client.get_run(self.run_id)
+        model = client.create_logged_model(run.info.experiment_id, name, self.run_id, tags, {**run.data.params, **params}, model_type)
         try:
             with tempfile.TemporaryDirectory(prefix="ptq-model-") as tmp:
                 folder = Path(tmp) / "model"
-                meta = Model(artifact_path=model.artifact_location, run_id=self.run_id, model_uuid=model.model_id, model_id=model.model_id)
-                if path.suffix == ".onnx":
-                    proto = onnx.load(str(path))
-                    mlflow.onnx.save_model(
-                        proto, str(folder), mlflow_model=meta, signature=_onnx_signature(proto),
-                        pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # else MLflow loads the model in a subprocess to infer them
-                        onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False, extra_files=[str(f) for f in files],
-                    )
-                else:
-                    folder.mkdir()
-                    for f in (path, *files):
-                        shutil.copyfile(f, folder / f.name)
-                    meta.add_flavor(model_type, data=path.name)
-                    meta.save(str(folder / "MLmodel"))
-                self.client.log_model_artifacts(model.model_id, str(folder))
+                meta = Model(artifact_path=model.artifact_location, run_id=self.run_id, model_uuid=model.model_id, model_id=model.model_id)  # type: ignore[call-arg]
+                _model_folder(folder, meta, path, model_type, files)
+                client.log_model_artifacts(model.model_id, str(folder))
         except BaseException:
             with suppress(Exception):  # the server may be gone: the caller's error matters, not this one
-                self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
             raise
-        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
         self.model_ids[name] = model.model_id
         self._names[model.model_id] = name
 

@@ -42,3 +42,17 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def lite0_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EfficientNet-Lite0 with its real ImageNet weights as an ONNX file carrying its preprocessing: the file a
+    torch-free device runs. Exported here with torch, or (the Jetson lanes of .ci/run) given by PTQ_TEST_LITE0_ONNX."""
+    given = os.environ.get("PTQ_TEST_LITE0_ONNX")
+    if given:
+        if not Path(given).is_file():
+            pytest.fail(f"PTQ_TEST_LITE0_ONNX={given} does not exist: export it with `ptq export --model lite0 --out {given}`")
+        return Path(given)
+    from ptq import pipeline
+
+    return pipeline.export_model("lite0", "pretrained", tmp_path_factory.mktemp("onnx") / "lite0.onnx")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from ptq import pipeline
-from ptq.backends import EngineOptions, get_backend
+from ptq.backends import get_backend
 from ptq.backends import tensorrt as trt_backend
-from ptq.backends.tensorrt import CalibrationFeed, Capabilities, check_capabilities, check_version, engine_mismatch, resolve_int8_mode
+from ptq.backends.tensorrt import CalibrationFeed, Capabilities, TensorRTOptions, check_capabilities, check_version, engine_mismatch, resolve_int8_mode
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 from ptq.phases import Phases
@@ -63,23 +63,23 @@ def test_tensorrt_versions_outside_8_5_to_10_are_refused() -> None:
 def test_unsupported_precision_or_dla_is_refused() -> None:
     no_int8 = Capabilities(fast_fp16=True, fast_int8=False, dla_cores=0)
     with pytest.raises(PtqError, match="no fast INT8"):
-        check_capabilities("int8", EngineOptions(), no_int8)
-    check_capabilities("fp16", EngineOptions(), no_int8)
+        check_capabilities("int8", TensorRTOptions(), no_int8)
+    check_capabilities("fp16", TensorRTOptions(), no_int8)
     with pytest.raises(PtqError, match="dla_core=1 but this device has 0 DLA"):
-        check_capabilities("fp16", EngineOptions(dla_core=1), no_int8)
-    check_capabilities("int8", EngineOptions(dla_core=1), Capabilities(True, True, 2))  # Xavier/Orin AGX: 2 DLAs
+        check_capabilities("fp16", TensorRTOptions(dla_core=1), no_int8)
+    check_capabilities("int8", TensorRTOptions(dla_core=1), Capabilities(True, True, 2))  # Xavier/Orin AGX: 2 DLAs
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (EngineOptions(workspace_mb=0), "workspace_mb"),
-        (EngineOptions(int8_mode="fancy"), "unknown int8_mode"),
-        (EngineOptions(dla_core=-2), "dla_core"),
-        (EngineOptions(opt_batch=64, max_batch=32), "opt"),
+        (TensorRTOptions(workspace_mb=0), "workspace_mb"),
+        (TensorRTOptions(int8_mode="fancy"), "unknown int8_mode"),
+        (TensorRTOptions(dla_core=-2), "dla_core"),
+        (TensorRTOptions(calib_method="magic"), "unknown calib_method"),
     ],
 )
-def test_engine_options_are_validated(options: EngineOptions, message: str) -> None:
+def test_engine_options_are_validated(options: TensorRTOptions, message: str) -> None:
     with pytest.raises(PtqError, match=message):
         options.validate()
 

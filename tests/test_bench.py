@@ -12,6 +12,8 @@ from ptq.backends import Session
 from ptq.data import Tensors
 from ptq.models import Transform
 
+pytestmark = pytest.mark.device  # torch-free: the Jetson lanes of .ci/run run it too
+
 
 class Lookup(Session):
     """Returns fixed logits per image, recognised by its first pixel value (the image index)."""

@@ -117,20 +117,20 @@ def test_two_machines_with_one_host_name_stay_apart(small_dir: Path, tmp_path: P
     monkeypatch.delenv("PTQ_DEVICE_NAME", raising=False)
     base = RunConfig(model="mob-s", precision="fp32", data=small_dir, **BASE)  # type: ignore[arg-type]
     a = machine(monkeypatch, tmp_path, "a" * 32)
-    assert sweep.run_sweep("lab", base, ["mob-s"], ["fp32"]).passed == ["mob-s/fp32/ort/minmax"]
+    assert sweep.run_sweep("lab", base, ["mob-s"], ["fp32"]).passed == ["mob-s/fp32/ort"]
     b = machine(monkeypatch, tmp_path, "b" * 32)
     on_b = sweep.run_sweep("lab", base, ["mob-s"], ["fp32"])
-    assert on_b.passed == ["mob-s/fp32/ort/minmax"] and on_b.skipped == []  # A's run does not stand for B's
+    assert on_b.passed == ["mob-s/fp32/ort"] and on_b.skipped == []  # A's run does not stand for B's
     table = report.build(["ptq"], tmp_path / "rep", log_run=False).table
     assert table[["device", "host", "machine_id"]].values.tolist() == sorted([[f"jetson-{a[:6]}", "jetson", a], [f"jetson-{b[:6]}", "jetson", b]])
     assert report.build(["ptq"], tmp_path / "one", device=f"jetson-{b[:6]}", log_run=False).table["machine_id"].tolist() == [b]
     assert len(report.build(["ptq"], tmp_path / "both", device="jetson", log_run=False).table) == 2  # by host name: both machines
     machine(monkeypatch, tmp_path, "a" * 32)
-    assert sweep.run_sweep("lab", base, ["mob-s"], ["fp32"]).skipped == ["mob-s/fp32/ort/minmax"]  # back on A: nothing to redo
+    assert sweep.run_sweep("lab", base, ["mob-s"], ["fp32"]).skipped == ["mob-s/fp32/ort"]  # back on A: nothing to redo
 
 
 def test_sweep_reruns_on_new_commit_library_or_data_and_only_then(small_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    grid = ["mob-s/fp32/ort/minmax", "mob-s/int8/ort/minmax"]
+    grid = ["mob-s/fp32/ort", "mob-s/int8/ort"]
 
     def sweep_on(data: Path) -> sweep.SweepResult:
         return sweep.run_sweep("r", RunConfig(model="mob-s", data=data, **BASE), ["mob-s"], ["fp32", "int8"])  # type: ignore[arg-type]

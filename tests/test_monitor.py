@@ -29,6 +29,8 @@ from ptq.monitor import (
 )
 from ptq.phases import Phases
 
+pytestmark = pytest.mark.device  # torch-free: the Jetson lanes of .ci/run run it too
+
 # A `jtop.stats` dictionary as jetson-stats 4.x returns it on a Jetson AGX Orin (values as documented:
 # CPU/GPU in %, RAM/SWAP as fractions, power in mW, temperatures in °C).
 ORIN_STATS = {

@@ -149,11 +149,11 @@ def test_seed_model_random_weights(small_dir: Path) -> None:
 
 def test_entropy_calibration_with_uneven_image_count(small_dir: Path) -> None:
     """ORT's histogram calibrators break on a short last batch; 10 images calibrate in 2 batches of 5."""
-    from ptq.quantize import QuantOptions, even_batch
+    from ptq.quantize import even_batch
 
     assert (even_batch(10, 8), even_batch(300, 8), even_batch(97, 8), even_batch(3, 8)) == (5, 6, 1, 3)
     cfg = RunConfig(model="mob-s", weights="random", data=small_dir, calib_size=10, eval_size=8, min_queries=4, min_duration_s=0, blocks=2, warmup=1,
-                    quant=QuantOptions(calib_method="entropy", calib_bins=256), monitor=False, progress=False)
+                    options={"calib_method": "entropy", "calib_bins": "256"}, monitor=False, progress=False)
     assert mlflow.get_run(pipeline.run(cfg)).info.status == "FINISHED"
 
 
@@ -180,14 +180,13 @@ def test_failure_mid_run_is_marked_failed_and_keeps_what_was_logged(small_dir: P
         ({"precision": "int4"}, "unknown precision 'int4'"),
         ({"backend": "openvino"}, "unknown backend 'openvino'"),
         ({"data": Path("/nonexistent/images")}, "does not exist"),
-        ({"calib_method": "magic"}, "unknown calib_method 'magic'"),
+        ({"options": {"calib_method": "magic"}}, "unknown calib_method 'magic'"),
+        ({"options": {"workspace_mb": "2048"}}, "workspace_mb is an option of backend tensorrt, not of ort"),
+        ({"options": {"calib_bins": "many"}}, "calib_bins='many' is not a whole number"),
     ],
 )
 def test_bad_input_fails_before_any_run(small_dir: Path, changes: dict[str, object], message: str) -> None:
-    from ptq.quantize import QuantOptions
-
-    quant = QuantOptions(calib_method=str(changes.pop("calib_method"))) if "calib_method" in changes else QuantOptions()
-    cfg = RunConfig(**{"model": "lite0", "data": small_dir, "quant": quant, **changes})  # type: ignore[arg-type]
+    cfg = RunConfig(**{"model": "lite0", "data": small_dir, **changes})  # type: ignore[arg-type]
     with pytest.raises(PtqError, match=message):
         pipeline.run(cfg)
     assert mlflow.search_runs(search_all_experiments=True).empty

@@ -20,7 +20,7 @@ from ptq import bench, errors, sweep, tracking
 from ptq.config import RunConfig
 
 BASE = dict(weights="random", calib_size=8, eval_size=16, min_queries=4, min_duration_s=0, blocks=2, warmup=1, monitor=False, progress=False)
-FP32, FP16 = "mob-s/fp32/ort/minmax", "mob-s/fp16/ort/minmax"
+FP32, FP16 = "mob-s/fp32/ort", "mob-s/fp16/ort"
 
 
 def children() -> pd.DataFrame:

@@ -73,12 +73,12 @@ def fail_fp16(job: sweep.ChildJob) -> str:
 def test_failed_combination_does_not_stop_the_others_and_is_rerun(small_dir: Path) -> None:
     base = RunConfig(model="mob-s", data=small_dir, **BASE)  # type: ignore[arg-type]
     first = sweep.run_sweep("f", base, ["mob-s"], ["fp16", "fp32"], target=fail_fp16)
-    assert first.failed == ["mob-s/fp16/ort/minmax"] and first.passed == ["mob-s/fp32/ort/minmax"]
+    assert first.failed == ["mob-s/fp16/ort"] and first.passed == ["mob-s/fp32/ort"]
     failed = children()
     failed = failed[failed["status"] == "FAILED"].iloc[0]
     assert failed["tags.ptq.error"] == "RuntimeError: simulated crash"
     second = sweep.run_sweep("f", base, ["mob-s"], ["fp16", "fp32"])
-    assert second.passed == ["mob-s/fp16/ort/minmax"] and len(second.skipped) == 1
+    assert second.passed == ["mob-s/fp16/ort"] and len(second.skipped) == 1
     runs = children()
     assert len(runs) == 2 and (runs["status"] == "FINISHED").all()  # the failed attempt was superseded
 

@@ -1,49 +1,79 @@
-"""One small interface for every inference backend; nothing outside this package knows which one runs."""
+"""One small interface for every inference backend; nothing outside this package knows which one runs.
+
+Importing it costs neither torch nor ONNX Runtime: each backend imports its runtime where it first needs it,
+so a Jetson that runs TensorRT alone needs neither. Each backend owns its options (one frozen dataclass, its
+`Options`): the CLI and MLproject offer every backend's, a run logs only its own backend's.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Tuple, Type
 
 import numpy as np
-from torch import nn
 
 from ptq.errors import PtqError
 from ptq.phases import Phases
-from ptq.quantize import QuantOptions
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = {"ort": "ptq.backends.ort", "torch": "ptq.backends.torch", "tensorrt": "ptq.backends.tensorrt"}
 
 
-INT8_MODES = ("auto", "implicit", "explicit")
+def option(default: Any, help: str, user: bool = True) -> Any:
+    """A backend option: its default and the help the CLI shows; `user=False`: set by ptq, logged for the record."""
+    return field(default=default, metadata={"help": help, "user": user})
 
 
 @dataclass(frozen=True)
-class EngineOptions:
-    """Builder settings for backends that compile an engine (TensorRT), as `trtexec` users know them."""
-
-    workspace_mb: int = 1024
-    int8_mode: str = "auto"  # implicit: TensorRT calibrator; explicit: build from ptq's QDQ ONNX; auto: by version
-    dla_core: int = -1  # Jetson DLA core to run on (GPU fallback on); -1: the GPU
-    timing_cache: Path | None = None  # reused across builds; default under $PTQ_CACHE_DIR
-    opt_batch: int = 1  # the optimization profile's opt shape (the latency batch)
-    max_batch: int = 32  # the profile's max shape (the evaluation batch)
+class NoOptions:
+    """A backend without options of its own."""
 
     def validate(self) -> None:
-        """Refuse impossible settings before any work is done."""
-        if self.workspace_mb <= 0:
-            raise PtqError(f"workspace_mb={self.workspace_mb} must be positive")
-        if self.int8_mode not in INT8_MODES:
-            raise PtqError(f"unknown int8_mode {self.int8_mode!r}: use one of {', '.join(INT8_MODES)}")
-        if self.dla_core < -1:
-            raise PtqError(f"dla_core={self.dla_core} must be -1 (GPU) or a DLA core index")
-        if not 1 <= self.opt_batch <= self.max_batch:
-            raise PtqError(f"batch sizes must satisfy 1 <= opt ({self.opt_batch}) <= max ({self.max_batch})")
+        """Nothing to check."""
+
+
+def user_options(options: Type[Any]) -> list[dataclasses.Field]:  # type: ignore[type-arg]
+    """The options of a backend's Options dataclass that users set (CLI flags, MLproject parameters)."""
+    return [f for f in dataclasses.fields(options) if f.metadata.get("user", True)]
+
+
+def parse_value(name: str, text: str, default: Any) -> Any:
+    """A CLI/MLproject string as the type of the option's default (true/false, numbers, comma lists, paths)."""
+    try:
+        if isinstance(default, bool):
+            value = text.strip().lower()
+            if value not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                raise ValueError
+            return value in ("true", "yes", "1", "on")
+        if isinstance(default, int):
+            return int(float(text))
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            return tuple(v.strip() for v in text.split(",") if v.strip())
+        if default is None:
+            return Path(text) if text else None
+        return text
+    except ValueError:
+        kind = "true or false" if isinstance(default, bool) else "a whole number" if isinstance(default, int) else "a number"
+        raise PtqError(f"{name}={text!r} is not {kind}: give a value like {format_value(default)!r}") from None
+
+
+def format_value(value: Any) -> str:
+    """An option value spelled as the CLI and MLflow params take it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
 
 
 @dataclass
@@ -54,10 +84,10 @@ class CompressJob:
     module: nn.Module | None
     precision: str
     calib_batches: Callable[[int], Iterator[np.ndarray]]  # batch size -> normalized float32 NCHW batches
-    quant: QuantOptions
+    options: Any  # the backend's own Options
     phases: Phases
     workdir: Path
-    engine: EngineOptions = field(default_factory=EngineOptions)
+    batch_sizes: Tuple[int, int] = (1, 32)  # the latency batch and the largest (evaluation) batch
 
 
 @dataclass
@@ -83,7 +113,23 @@ class Backend(ABC):
     """Compresses an ONNX (or torch) model to a precision and opens sessions on the result."""
 
     name: ClassVar[str]
-    precisions: ClassVar[tuple[str, ...]] = PRECISIONS
+    precisions: ClassVar[Tuple[str, ...]] = PRECISIONS
+    Options: ClassVar[Type[Any]] = NoOptions
+
+    @classmethod
+    def options(cls, given: Mapping[str, str]) -> Any:
+        """This backend's options from the values a user gave (strings; unset ones keep their defaults); one
+        clear error for an option of another backend."""
+        mine = {f.name: f for f in user_options(cls.Options)}
+        for name in given:
+            if name not in mine:
+                owners = [b for b in BACKENDS if b != cls.name and name in {f.name for f in user_options(options_class(b))}]
+                takes = ", ".join(mine) or "no options"
+                raise PtqError(f"{name} is an option of backend {' or '.join(owners) or '?'}, not of {cls.name} (which takes {takes}): drop it or set backend")
+        values = {k: parse_value(k, v, mine[k].default) for k, v in given.items()}
+        opts = cls.Options(**values)
+        opts.validate()
+        return opts
 
     def check(self, precision: str, onnx_only: bool = False) -> None:
         """Refuse an unsupported precision, a missing runtime or (`onnx_only`: model=*.onnx, no torch module) a
@@ -108,10 +154,25 @@ class Backend(ABC):
         return "cpu"
 
 
-def get_backend(name: str) -> Backend:
-    """Instantiate a backend by name."""
+def backend_class(name: str) -> Type[Backend]:
+    """A backend's class by name; importing it costs no runtime library."""
     if name not in BACKENDS:
         raise PtqError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
-    module = importlib.import_module(BACKENDS[name])
-    backend: Backend = module.BACKEND()
-    return backend
+    cls: Type[Backend] = importlib.import_module(BACKENDS[name]).BACKEND
+    return cls
+
+
+def options_class(name: str) -> Type[Any]:
+    """The Options dataclass of a backend, by name."""
+    return backend_class(name).Options
+
+
+def option_params(options: Any) -> dict[str, str]:
+    """Every option of a backend (user-set or ptq-set) as MLflow params; unset ones (no path, no nodes) left out."""
+    values = {f.name: format_value(getattr(options, f.name)) for f in dataclasses.fields(options)}
+    return {k: v for k, v in values.items() if v != ""}
+
+
+def get_backend(name: str) -> Backend:
+    """Instantiate a backend by name."""
+    return backend_class(name)()

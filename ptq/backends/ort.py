@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import onnxruntime as ort
 
 from ptq import quantize
 from ptq.backends import Backend, Compressed, CompressJob, Session
@@ -12,7 +13,7 @@ from ptq.backends import Backend, Compressed, CompressJob, Session
 class OrtSession(Session):
     """An InferenceSession bound to the model's single input."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: Any) -> None:
         self.session = session
         self.input = session.get_inputs()[0].name
 
@@ -22,6 +23,8 @@ class OrtSession(Session):
 
 def open_session(path: str, threads: int) -> OrtSession:
     """An ONNX Runtime CPU session with full graph optimization and a fixed thread count."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -31,6 +34,7 @@ def open_session(path: str, threads: int) -> OrtSession:
 
 class OrtBackend(Backend):
     name = "ort"
+    Options = quantize.QuantOptions
 
     def compress(self, job: CompressJob) -> Compressed:
         if job.precision == "fp32":
@@ -39,14 +43,17 @@ class OrtBackend(Backend):
         if job.precision == "fp16":
             with job.phases("convert"):
                 return Compressed(quantize.to_fp16(job.fp32_onnx, out), numerics="fp16 weights and arithmetic, fp32 inputs and outputs")
+        opts: quantize.QuantOptions = job.options
         cache = job.workdir / "calibration_ranges.json"
-        graph = quantize.to_int8(job.fp32_onnx, out, job.calib_batches(job.quant.calib_batch), job.quant, job.phases, cache)
-        return Compressed(out, artifacts=[cache], numerics=quantize.describe(job.quant), tags={"numerics.int8_graph": graph})
+        graph = quantize.to_int8(job.fp32_onnx, out, job.calib_batches(opts.calib_batch), opts, job.phases, cache)
+        return Compressed(out, artifacts=[cache], numerics=quantize.describe(opts), tags={"numerics.int8_graph": graph})
 
     def open(self, model: Compressed, threads: int) -> Session:
         return open_session(str(model.path), threads)
 
     def versions(self) -> dict[str, str]:
+        import onnxruntime as ort
+
         return {"onnxruntime": ort.__version__}
 
 

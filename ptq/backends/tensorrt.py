@@ -16,12 +16,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-from ptq import quantize
-from ptq.backends import Backend, Compressed, CompressJob, EngineOptions, Session
+from ptq.backends import Backend, Compressed, CompressJob, Session, option
 from ptq.data import cache_dir
 from ptq.errors import PtqError
 from ptq.tracking import gpu_name
@@ -80,7 +79,33 @@ class Capabilities:
     dla_cores: int
 
 
-def check_capabilities(precision: str, options: EngineOptions, caps: Capabilities) -> None:
+INT8_MODES = ("auto", "implicit", "explicit")
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """Builder settings, as `trtexec` users know them, and INT8 calibration: the tensorrt backend's options."""
+
+    workspace_mb: int = option(1024, "TensorRT builder workspace limit (MiB)")
+    int8_mode: str = option("auto", "TensorRT INT8: auto, implicit (calibrator) or explicit (QDQ)")
+    dla_core: int = option(-1, "Jetson DLA core for TensorRT (GPU fallback); -1 = GPU")
+    timing_cache: Optional[Path] = option(None, "TensorRT timing cache file to reuse (default under $PTQ_CACHE_DIR)")
+    calib_method: str = option("minmax", "minmax, entropy or percentile (percentile: explicit INT8 only)")
+    calib_batch: int = option(8, "", user=False)
+
+    def validate(self) -> None:
+        """Refuse impossible settings before any work is done."""
+        if self.workspace_mb <= 0:
+            raise PtqError(f"workspace_mb={self.workspace_mb} must be positive")
+        if self.int8_mode not in INT8_MODES:
+            raise PtqError(f"unknown int8_mode {self.int8_mode!r}: use one of {', '.join(INT8_MODES)}")
+        if self.dla_core < -1:
+            raise PtqError(f"dla_core={self.dla_core} must be -1 (GPU) or a DLA core index")
+        if self.calib_method not in ("minmax", "entropy", "percentile"):
+            raise PtqError(f"unknown calib_method {self.calib_method!r}: use minmax, entropy or percentile")
+
+
+def check_capabilities(precision: str, options: TensorRTOptions, caps: Capabilities) -> None:
     """Refuse a precision or DLA core the device lacks, before any work."""
     if precision == "int8" and not caps.fast_int8:
         raise PtqError("this GPU has no fast INT8 in TensorRT: use precision=fp16, or backend=ort for CPU INT8")
@@ -288,6 +313,7 @@ class TrtSession(Session):
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    Options = TensorRTOptions
 
     def __init__(self) -> None:
         self._cuda: Cuda | None = None
@@ -314,37 +340,41 @@ class TensorRTBackend(Backend):
         require_tensorrt()
         check_version(str(trt.__version__))
         self.cuda  # noqa: B018  (fails early with the install hint)
-        check_capabilities(precision, EngineOptions(), self.capabilities())
+        check_capabilities(precision, TensorRTOptions(), self.capabilities())
 
     def compress(self, job: CompressJob) -> Compressed:
-        job.engine.validate()
-        check_capabilities(job.precision, job.engine, self.capabilities())
+        opts: TensorRTOptions = job.options
+        check_capabilities(job.precision, opts, self.capabilities())
         artifacts: list[Path] = []
         source, feed = job.fp32_onnx, None
         if job.precision == "int8":
-            mode = resolve_int8_mode(job.engine.int8_mode, str(trt.__version__))
-            if mode == "explicit":  # TensorRT wants symmetric int8 activations and weights in QDQ
+            mode = resolve_int8_mode(opts.int8_mode, str(trt.__version__))
+            if mode == "explicit":  # TensorRT wants symmetric int8 activations and weights in QDQ, made by ORT's quantizer
+                from ptq import quantize
+
                 source = job.workdir / "model_int8_qdq.onnx"
-                opts = replace(job.quant, activation_type="int8", weight_type="int8", symmetric_activations=True, quant_format="qdq")
-                batches = job.calib_batches(job.quant.calib_batch)
-                quantize.to_int8(job.fp32_onnx, source, batches, opts, job.phases, job.workdir / "calibration_ranges.json")
+                qdq = quantize.QuantOptions(calib_method=opts.calib_method, activation_type="int8", weight_type="int8", symmetric_activations=True)
+                batches = job.calib_batches(opts.calib_batch)
+                quantize.to_int8(job.fp32_onnx, source, batches, qdq, job.phases, job.workdir / "calibration_ranges.json")
                 artifacts += [source, job.workdir / "calibration_ranges.json"]
             else:
-                feed = CalibrationFeed(job.calib_batches(job.quant.calib_batch), job.quant.calib_batch, job.workdir / "calibration.cache")
+                feed = CalibrationFeed(job.calib_batches(opts.calib_batch), opts.calib_batch, job.workdir / "calibration.cache")
         with job.phases("build"):
-            engine_path = self.build(source, job.precision, job.engine, job.workdir, feed, job.quant.calib_method)
+            engine_path = self.build(source, job.precision, opts, job.batch_sizes, job.workdir, feed)
         if feed is not None:  # TensorRT calibrated inside the build: book that time as calibration
             job.phases.carve("build", "calibrate", feed.seconds())
             artifacts.append(feed.cache)
             if feed.dropped:
                 log.warning("TensorRT calibration used %d images; %d did not fill a batch of %d", feed.fed, feed.dropped, feed.batch_size)
         artifacts.append(engine_path.with_suffix(".json"))
-        mode = resolve_int8_mode(job.engine.int8_mode, str(trt.__version__)) if job.precision == "int8" else ""
+        mode = resolve_int8_mode(opts.int8_mode, str(trt.__version__)) if job.precision == "int8" else ""
         return Compressed(
-            engine_path, artifacts, handle=(source, job.precision, job.engine, job.workdir), numerics=numerics(job.precision, mode, job.engine.dla_core)
+            engine_path, artifacts, handle=(source, job.precision, opts, job.batch_sizes, job.workdir), numerics=numerics(job.precision, mode, opts.dla_core)
         )
 
-    def build(self, onnx_path: Path, precision: str, options: EngineOptions, workdir: Path, feed: CalibrationFeed | None, calib_method: str) -> Path:
+    def build(
+        self, onnx_path: Path, precision: str, options: TensorRTOptions, batch_sizes: tuple[int, int], workdir: Path, feed: CalibrationFeed | None
+    ) -> Path:
         """Parse the ONNX file and serialize an engine (plus its metadata JSON) into `workdir`."""
         logger = self._logger()
         builder = trt.Builder(logger)
@@ -359,7 +389,7 @@ class TensorRTBackend(Backend):
         inp = network.get_input(0)
         sample = list(dims(inp.shape)[1:])
         profile = builder.create_optimization_profile()
-        profile.set_shape(inp.name, trt.Dims([1, *sample]), trt.Dims([options.opt_batch, *sample]), trt.Dims([options.max_batch, *sample]))
+        profile.set_shape(inp.name, trt.Dims([1, *sample]), trt.Dims([batch_sizes[0], *sample]), trt.Dims([batch_sizes[1], *sample]))
         config.add_optimization_profile(profile)
         config.clear_flag(trt.BuilderFlag.TF32)  # see numerics()
         if precision in ("fp16", "int8"):
@@ -367,7 +397,7 @@ class TensorRTBackend(Backend):
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             if feed is not None:
-                config.int8_calibrator = make_calibrator(calib_method, feed, self.cuda, (feed.batch_size, *sample))
+                config.int8_calibrator = make_calibrator(options.calib_method, feed, self.cuda, (feed.batch_size, *sample))
                 config.set_calibration_profile(profile)
         if options.dla_core >= 0:
             config.default_device_type = trt.DeviceType.DLA
@@ -395,15 +425,15 @@ class TensorRTBackend(Backend):
             if not isinstance(model.handle, tuple):
                 raise PtqError(f"{model.path.name}: {why}; rebuild it on this machine from its ONNX file")
             log.warning("%s: %s; rebuilding", model.path.name, why)
-            source, precision, options, workdir = model.handle
+            source, precision, options, batch_sizes, workdir = model.handle
             cache = workdir / "calibration.cache"  # implicit INT8 rebuilds from the scales it already has
             feed = CalibrationFeed(iter(()), 1, cache) if precision == "int8" and cache.is_file() else None
-            model = replace(model, path=self.build(source, precision, options, workdir, feed, "entropy"))
+            model = replace(model, path=self.build(source, precision, options, batch_sizes, workdir, feed))
         engine = trt.Runtime(self._logger()).deserialize_cuda_engine(model.path.read_bytes())
         if engine is None:
             raise PtqError(f"TensorRT could not load {model.path.name}: rebuild it with this TensorRT version")
-        options = model.handle[2] if isinstance(model.handle, tuple) else EngineOptions()
-        return TrtSession(engine, self.cuda, options.max_batch)
+        max_batch = model.handle[3][1] if isinstance(model.handle, tuple) else dims(engine.get_tensor_profile_shape(engine.get_tensor_name(0), 0)[2])[0]
+        return TrtSession(engine, self.cuda, max_batch)
 
     def versions(self) -> dict[str, str]:
         require_tensorrt()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ptq.backends import Backend, Compressed, CompressJob, Session
 from ptq.errors import PtqError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TorchSession(Session):
@@ -17,10 +20,12 @@ class TorchSession(Session):
     def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         self.module, self.device, self.dtype = module, device, dtype
 
-    @torch.inference_mode()
     def run(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(self.device, self.dtype, non_blocking=True)
-        return self.module(x).float().cpu().numpy()
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, self.dtype, non_blocking=True)
+            return self.module(x).float().cpu().numpy()  # type: ignore[no-any-return]
 
 
 class TorchBackend(Backend):
@@ -28,6 +33,10 @@ class TorchBackend(Backend):
     precisions = ("fp32", "fp16")
 
     def __init__(self) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise PtqError("backend=torch needs torch, which is not installed here: pip install 'ptq[torch]' (on a Jetson, NVIDIA's wheel)") from None
         self.dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
     def check(self, precision: str, onnx_only: bool = False) -> None:
@@ -39,6 +48,8 @@ class TorchBackend(Backend):
 
     def compress(self, job: CompressJob) -> Compressed:
         assert job.module is not None  # check() refused model=*.onnx
+        import torch
+
         with job.phases("convert"):
             module = copy.deepcopy(job.module).eval()
             if job.precision == "fp16":
@@ -52,6 +63,8 @@ class TorchBackend(Backend):
         return f"{precision} (TF32 off)" if self.dev.type == "cuda" and precision == "fp32" else precision
 
     def open(self, model: Compressed, threads: int) -> Session:
+        import torch
+
         if not isinstance(model.handle, torch.nn.Module):
             raise PtqError(f"{model.path} was not produced by the torch backend in this run")
         if self.dev.type == "cpu":
@@ -65,6 +78,8 @@ class TorchBackend(Backend):
         return TorchSession(module, self.dev, dtype)
 
     def versions(self) -> dict[str, str]:
+        import torch
+
         out = {"torch": str(torch.__version__)}
         if torch.version.cuda:
             out["cuda"] = str(torch.version.cuda)
@@ -73,6 +88,8 @@ class TorchBackend(Backend):
         return out
 
     def device(self) -> str:
+        import torch
+
         return torch.cuda.get_device_name(0) if self.dev.type == "cuda" else "cpu"
 
 
