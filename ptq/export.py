@@ -59,8 +59,12 @@ def stamp(path: Path, preprocessing: dict[str, Any]) -> None:
 
 
 def preprocessing(path: Path) -> dict[str, Any] | None:
-    """The preprocessing `stamp` wrote into an ONNX file, or None for a file exported elsewhere."""
-    model = onnx.load(str(path), load_external_data=False)
+    """The preprocessing `stamp` wrote into an ONNX file, or None for a file exported elsewhere (or unreadable:
+    `check` names that problem)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
     for prop in model.metadata_props:
         if prop.key == PREPROCESSING:
             value: dict[str, Any] = json.loads(prop.value)

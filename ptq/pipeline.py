@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import shutil
@@ -36,13 +37,15 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
     spec = models.resolve(cfg.model, cfg.input_size, cfg.mean, cfg.std)
     backend = get_backend(cfg.backend)
     backend.check(cfg.precision, onnx_only=spec.build is None)
+    options = cfg.backend_options()
     if spec.onnx_path is not None:
         export.check_classifier(spec.onnx_path, spec.transform.crop, accuracy=cfg.weights == "pretrained")
+        if getattr(options, "keep_float", ()):
+            quantize.check_keep_float(spec.onnx_path, options.keep_float)
     assert cfg.data is not None
     dataset = data.scan(cfg.data)
     split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)
     data.require_readable(dataset, split, dataset.readable, calibrate=cfg.precision == "int8")
-    options = cfg.backend_options()
     module = None
     if spec.build:
         import torch
@@ -120,7 +123,10 @@ def _log_monitor(rec: tracking.Recorder, monitor: Monitor, work: Path) -> None:
     if monitor.samples:
         rec.table(monitor.phase_table(), "phases.json")
         rec.text(monitor.csv_text(), "monitor/timeline.csv")
-        rec.artifact(monitor.plot(work / "timeline.png"), "monitor")
+        if importlib.util.find_spec("matplotlib") is not None:
+            rec.artifact(monitor.plot(work / "timeline.png"), "monitor")
+        else:  # a device may do without it: the data is all in timeline.csv
+            rec.tags({"monitor.plot": "none: matplotlib is not installed (pip install 'ptq[report]')"})
 
 
 def _execute(

@@ -125,6 +125,15 @@ def to_fp16(src: Path, dst: Path) -> Path:
 CALIB_CHUNK_IMAGES = 32
 
 
+def check_keep_float(model: Path, names: tuple[str, ...]) -> None:
+    """Refuse node names (`keep_float`) that the ONNX model does not have, before any work, naming a few it has."""
+    nodes = [n.name for n in onnx.load(str(model), load_external_data=False).graph.node]
+    unknown = [n for n in names if n not in set(nodes)]
+    if unknown:
+        quantizable = [n for n in nodes if n.rsplit("/", 1)[-1] in ("Conv", "Gemm", "MatMul")][:3]
+        raise PtqError(f"keep_float names nodes {model.name} does not have: {', '.join(unknown[:5])}: use ONNX node names such as {', '.join(quantizable)}")
+
+
 def to_int8(
     src: Path,
     dst: Path,
@@ -142,6 +151,7 @@ def to_int8(
     from onnxruntime.quantization import create_calibrator, quant_pre_process
 
     options.validate()
+    check_keep_float(src, options.keep_float)
     enums = ort_enums(options)
     calib_extra: dict[str, object] = {"symmetric": options.symmetric_activations}
     if options.calib_method != "minmax":

@@ -97,3 +97,27 @@ def test_old_onnxruntime_quantization_api_gives_the_same_model(lite0_onnx: Path,
     x = rng.standard_normal((2, 3, 224, 224), dtype=np.float32)
     a, b = (open_session(str(tmp_path / f"{n}.onnx"), 1).run(x) for n in "ab")
     np.testing.assert_array_equal(a, b)
+
+
+def test_keep_float_leaves_the_named_nodes_in_float_and_refuses_unknown_ones(lite0_onnx: Path, small_dir: Path, tmp_path: Path) -> None:
+    """Mixed precision by node name: the named convolutions read float inputs (no DequantizeLinear feeds them),
+    the others stay int8; a name the model lacks is refused before any run."""
+    import onnx
+
+    from ptq import pipeline, quantize
+    from ptq.config import RunConfig
+    from ptq.errors import PtqError
+    from ptq.phases import Phases
+
+    convs = [n.name for n in onnx.load(str(lite0_onnx)).graph.node if n.op_type == "Conv"]
+    kept = tuple(convs[:3])
+    batches = [np.random.default_rng(0).standard_normal((4, 3, 224, 224), dtype=np.float32)]
+    quantize.to_int8(lite0_onnx, tmp_path / "m.onnx", iter(batches), quantize.QuantOptions(keep_float=kept), Phases(), tmp_path / "r.json")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    fed = {n.name: any(i in dequantized for i in n.input) for n in graph.node if n.op_type == "Conv"}
+    assert [fed[n] for n in kept] == [False] * 3 and fed[convs[3]] and sum(fed.values()) == len(convs) - 3
+    assert quantize.describe(quantize.QuantOptions(keep_float=kept)).endswith("; 3 nodes kept in float")
+    with pytest.raises(PtqError, match="keep_float names nodes lite0.onnx does not have: conv9: use ONNX node names such as /_conv_stem/Conv"):
+        pipeline.run(RunConfig(model=str(lite0_onnx), data=small_dir, options={"keep_float": f"{convs[0]},conv9"}))
+    assert mlflow.search_runs(search_all_experiments=True).empty
