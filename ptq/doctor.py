@@ -51,6 +51,14 @@ class Check:
     tag: str = ""
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be found, without importing it; a finder that fails counts as not installed."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _version(*dists: str) -> Tuple[str, str]:
     """(distribution, version) of the first of these installed, or ('', '')."""
     from importlib import metadata
@@ -119,10 +127,10 @@ print(json.dumps(out))
 def tensorrt_check() -> List[Check]:
     """Can the tensorrt backend run: TensorRT imports (tried in a subprocess), its version, CUDA bindings for
     buffers (pycuda or cuda-python), the GPU's name and its DLA cores."""
-    if importlib.util.find_spec("tensorrt") is None:
+    if not installed("tensorrt"):
         return [Check("backends", "tensorrt", ABSENT, "tensorrt is not installed (on a Jetson it comes with JetPack: "
                                                       "apt install python3-libnvinfer)")]
-    bindings = [m for m in ("pycuda", "cuda") if importlib.util.find_spec(m) is not None]
+    bindings = [m for m in ("pycuda", "cuda") if installed(m)]
     found, why = _subprocess_json(TENSORRT_PROBE, 60.0)
     if found is None and not _version(*PACKAGES["tensorrt"])[0] and _version("tensorrt-stubs")[0]:
         return [Check("backends", "tensorrt", ABSENT, "tensorrt is not installed (only its type stubs, tensorrt-stubs)")]
@@ -138,7 +146,7 @@ def tensorrt_check() -> List[Check]:
 
 def ort_check() -> List[Check]:
     """Can the ort backend run: onnxruntime's version and execution providers (imported only here)."""
-    if importlib.util.find_spec("onnxruntime") is None:
+    if not installed("onnxruntime"):
         return [Check("backends", "ort", ABSENT, "onnxruntime is not installed")]
     try:
         import onnxruntime as ort
@@ -167,7 +175,7 @@ def torch_check() -> List[Check]:
 
 def _nvml_check() -> Check:
     """NVML (discrete NVIDIA GPUs; Jetsons have no NVML before JetPack 7): the GPU's name, or why not."""
-    if importlib.util.find_spec("pynvml") is None:
+    if not installed("pynvml"):
         return Check("sources", "nvml", ABSENT, "pynvml not installed (pip install nvidia-ml-py)")
     try:
         import pynvml
@@ -214,7 +222,7 @@ def _jtop_check(root: Path) -> Check:
     """jetson-stats: installed, its service running (/run/jtop.sock), and accepting this client: the client
     refuses a service of another version, which says so in one line."""
     version = _version("jetson-stats")[1]
-    if importlib.util.find_spec("jtop") is None:
+    if not installed("jtop"):
         return Check("sources", "jtop", ABSENT, "jetson-stats not installed (not needed: ptq reads sysfs itself)")
     if not (root / "run/jtop.sock").exists():
         return Check("sources", "jtop", ABSENT, f"jetson-stats {version} installed, its service is not running "
