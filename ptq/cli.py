@@ -22,6 +22,7 @@ from rich.table import Table
 
 from ptq import doctor, models, pipeline, summary, tracking
 from ptq import report as reports
+from ptq import sensitivity as sensitivities
 from ptq import sweep as sweeps
 from ptq import sync as syncs
 from ptq.backends import BACKENDS, format_value, options_class, user_options
@@ -30,6 +31,7 @@ from ptq.errors import PtqError, stop_on_signals
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Measure what post-training quantization costs and buys on this device.")
 console = Console(stderr=True)
+log = logging.getLogger("ptq.cli")
 
 
 def _bool(name: str, text: str) -> bool:
@@ -177,7 +179,19 @@ def _names(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _run_config(args: List[str], **fixed: str) -> RunConfig:
+    """A RunConfig from `ptq run` options given to another command (sweep, sensitivity, tune), parsed as `ptq run`
+    parses them, with `fixed` fields set by that command."""
+    run_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    parsed = run_command.make_context("run", ["--model", "-", *args]).params
+    parsed.update(fixed, options=take_backend_options(parsed))
+    return _config(parsed)
+
+
+EXTRA_RUN_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=EXTRA_RUN_OPTIONS)
 def sweep(
     ctx: typer.Context,
     name: Annotated[str, typer.Option(help="Sweep name; rerunning the same sweep resumes it")] = "",
@@ -194,10 +208,7 @@ def sweep(
     if preset and preset not in sweeps.PRESETS:
         raise PtqError(f"unknown preset {preset!r}: use one of {', '.join(sweeps.PRESETS)}")
     grid_models = [*sweeps.PRESETS.get(preset, ()), *_names(models_)]
-    run_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
-    parsed = run_command.make_context("run", ["--model", "-", *ctx.args]).params  # the run options, parsed as `ptq run` would
-    parsed.update(model=grid_models[0] if grid_models else "", precision="fp32", backend="ort", options=take_backend_options(parsed))
-    base = _config(parsed)
+    base = _run_config(ctx.args, model=grid_models[0] if grid_models else "", precision="fp32", backend="ort")
     with _stopped_by_signal(), _stdout_to_stderr():
         result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), _names(calib_methods))
     table = Table(*summary.SWEEP_COLUMNS, title=f"sweep {result.parent_run_id}", title_justify="left")
@@ -210,6 +221,41 @@ def sweep(
     )
     if result.failed:
         raise typer.Exit(1)
+
+
+def _count(message: str) -> Callable[[int, int], None]:
+    """A progress callback logging `message` % (done, total) every tenth step and at the end."""
+
+    def report(done: int, total: int) -> None:
+        if done % 10 == 0 or done == total:
+            log.info(message, done, total)
+
+    return report
+
+
+@app.command(context_settings=EXTRA_RUN_OPTIONS)
+def sensitivity(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Alias, torchvision name or .onnx file")],
+    images: Annotated[int, typer.Option(help="Held-out evaluation images the divergence from FP32 is measured on")] = 64,
+    eval_top: Annotated[int, typer.Option(help="Best nodes to keep in float whose top-1 drop is measured on all evaluation images")] = 5,
+    show: Annotated[int, typer.Option(help="Rows of the ranking printed")] = 10,
+) -> None:
+    """Rank the model's Conv/Gemm/MatMul nodes by what keeping each in float saves (KL from FP32's output).
+
+    Every `ptq run` option (--data, --calib-size, --calib-method, --per-channel, ...) applies."""
+    cfg = _run_config(ctx.args, model=model, precision="int8", backend="ort")
+    with _stopped_by_signal(), _stdout_to_stderr() as stdout:
+        result = sensitivities.analyze(cfg, images, eval_top, progress=_count("sensitivity: %d/%d quantized"))
+        ranking = result.ranking
+        table = Table("rank", "kept in float", "kind", "KL saved", "KL", "top-1 agree", "top-1 drop (pt)", title=f"sensitivity run {result.run_id}", title_justify="left")
+        for i, d in enumerate([*ranking.nodes[:show], *ranking.kinds, ranking.whole]):
+            drop = "—" if d.top1_drop_pt is None else f"{d.top1_drop_pt:.2f}"
+            table.add_row(str(i + 1) if i < show else "", d.node, d.kind, f"{d.recovered:.4f}", f"{d.kl:.4f}", f"{d.agreement:.3f}", drop)
+        console.print(table)
+        console.print(f"{ranking.quantizations} quantizations on {ranking.images} images in {ranking.seconds:.0f} s; keep the best 3 in float with "
+                      f"--keep-float {','.join(ranking.top(3))}", soft_wrap=True, highlight=False)
+        print(result.run_id, file=stdout, flush=True)
 
 
 @app.command()

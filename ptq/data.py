@@ -243,3 +243,10 @@ def load_tensors(ds: Dataset, t: Transform, progress: bool = True) -> Tensors:
         )
     _write_cache(pix_path, meta_path, pixels, json.dumps({"root": str(ds.root), "transform": t.key(), "decode": DECODE_VERSION, "ok": ok.tolist()}))
     return Tensors(pixels, ok, t, from_cache=False)
+
+
+def usable(dataset: Dataset, split: Split, tensors: Tensors, calibrate: bool) -> tuple[list[int], list[int]]:
+    """The calibration and evaluation images that decoded (a header can open and the image still not decode);
+    refuses a split left without the images it needs."""
+    require_readable(dataset, split, tensors.ok, calibrate=calibrate)
+    return [i for i in split.calib if tensors.ok[i]], [i for i in split.eval if tensors.ok[i]]

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMPRESS_PHASES = ("export", "preprocess", "calibrate", "quantize", "convert", "build")
+COMPRESS_PHASES = ("export", "sensitivity", "preprocess", "calibrate", "quantize", "convert", "build")
 
 
 def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
@@ -156,10 +156,8 @@ def _execute(
 
     with phases("load_data"):
         tensors = data.load_tensors(dataset, spec.transform, progress=cfg.progress)
-    data.require_readable(dataset, split, tensors.ok, calibrate=cfg.precision == "int8")  # a header can open, the image still not decode
+    calib_idx, eval_idx = data.usable(dataset, split, tensors, calibrate=cfg.precision == "int8")
     rec.tags({"ptq.tensor_cache": "hit" if tensors.from_cache else "miss"})
-    calib_idx = [i for i in split.calib if tensors.ok[i]]
-    eval_idx = [i for i in split.eval if tensors.ok[i]]
     skipped = len(split.calib) + len(split.eval) - len(calib_idx) - len(eval_idx)
     rec.metrics({"data/calib_images": len(calib_idx), "data/eval_images": len(eval_idx), "data/skipped_images": skipped})
     rec.text(json.dumps({"calib": [dataset.files[i].name for i in calib_idx], "eval": [dataset.files[i].name for i in eval_idx]}), "split.json")

@@ -60,9 +60,13 @@ class QuantOptions:
     # Histogram bins for entropy/percentile. ONNX Runtime's entropy default (128 bins, 128 quantized bins)
     # leaves a single candidate threshold, the full range, which makes it identical to minmax; 2048 is TensorRT's.
     calib_bins: int = option(2048, "Histogram bins of entropy/percentile calibration")
-    keep_float: Tuple[str, ...] = option((), "ONNX node names kept in float, comma-separated (mixed precision)")
+    keep_float: Tuple[str, ...] = option((), "ONNX node names kept in float, comma-separated, or a count k: the k that sensitivity ranks first (mixed precision)")
     symmetric_activations: bool = option(False, "", user=False)  # TensorRT's explicit quantization needs symmetric int8 activations
     calib_batch: int = option(8, "", user=False)
+
+    def keep_count(self) -> int | None:
+        """k where `keep_float` asks for the k nodes sensitivity ranks first (a single number), else None."""
+        return int(self.keep_float[0]) if len(self.keep_float) == 1 and self.keep_float[0].isdigit() else None
 
     def validate(self) -> None:
         """Refuse unknown values before any work is done."""
@@ -125,13 +129,21 @@ def to_fp16(src: Path, dst: Path) -> Path:
 CALIB_CHUNK_IMAGES = 32
 
 
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")  # the nodes with weights: what INT8 compresses and keep_float keeps
+
+
 def check_keep_float(model: Path, names: tuple[str, ...]) -> None:
-    """Refuse node names (`keep_float`) that the ONNX model does not have, before any work, naming a few it has."""
-    nodes = [n.name for n in onnx.load(str(model), load_external_data=False).graph.node]
-    unknown = [n for n in names if n not in set(nodes)]
+    """Refuse node names (`keep_float`) that the ONNX model does not have, before any work, naming a few it has
+    (a count k is checked against the number of weighted nodes)."""
+    nodes = onnx.load(str(model), load_external_data=False).graph.node
+    weighted = [n.name for n in nodes if n.op_type in WEIGHTED_OPS]
+    if len(names) == 1 and names[0].isdigit():
+        if not 0 < int(names[0]) <= len(weighted):
+            raise PtqError(f"keep_float={names[0]}: {model.name} has {len(weighted)} Conv/Gemm/MatMul nodes: keep between 1 and {len(weighted)}")
+        return
+    unknown = [n for n in names if n not in {n.name for n in nodes}]
     if unknown:
-        quantizable = [n for n in nodes if n.rsplit("/", 1)[-1] in ("Conv", "Gemm", "MatMul")][:3]
-        raise PtqError(f"keep_float names nodes {model.name} does not have: {', '.join(unknown[:5])}: use ONNX node names such as {', '.join(quantizable)}")
+        raise PtqError(f"keep_float names nodes {model.name} does not have: {', '.join(unknown[:5])}: use ONNX node names such as {', '.join(weighted[:3])}")
 
 
 def to_int8(
@@ -143,51 +155,56 @@ def to_int8(
     calib_cache: Path,
 ) -> str:
     """Static PTQ: ORT pre-processing, calibration (ranges saved to `calib_cache`), then QDQ quantization.
-    Returns what was quantized: the pre-processed graph, or the raw one where pre-processing failed.
+    Returns what was quantized: the pre-processed graph, or the raw one where pre-processing failed."""
+    options.validate()
+    check_keep_float(src, options.keep_float)
+    with tempfile.TemporaryDirectory(prefix="ptq-quant-") as tmp:
+        with phases("preprocess"):
+            pre, graph = preprocess(src, Path(tmp) / "preprocessed.onnx")
+        with phases("calibrate"):
+            ranges = calibrate(pre, batches, options, Path(tmp))
+            save_ranges(ranges, calib_cache)
+        with phases("quantize"):
+            quantize_from_ranges(pre, dst, ranges, calib_cache, options)
+    return graph
+
+
+def preprocess(src: Path, dst: Path) -> tuple[Path, str]:
+    """ONNX Runtime's quantization pre-processing into `dst`; where it fails (symbolic shape inference does on some
+    graphs) the raw graph is quantized instead. Returns the graph to quantize and what it is."""
+    from onnxruntime.quantization import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+    except Exception as exc:
+        log.warning("ONNX Runtime pre-processing failed (%s); quantizing the un-preprocessed model", exc)
+        return src, f"raw graph: quant_pre_process failed ({str(exc).splitlines()[0][:150]})"
+    return dst, "pre-processed (quant_pre_process)"
+
+
+def calibrate(model: Path, batches: Iterator[np.ndarray], options: QuantOptions, workdir: Path) -> Any:
+    """Activation ranges (ONNX Runtime's TensorsData) from the calibration images.
 
     ONNX Runtime's calibrators keep every intermediate tensor of the images of one `collect_data` call
     (about 60 MB per image for lite0: 300 entropy images took 19 GB), so images go in chunks of
     CALIB_CHUNK_IMAGES; ranges and histograms merge across calls."""
-    from onnxruntime.quantization import create_calibrator, quant_pre_process
+    from onnxruntime.quantization import create_calibrator
 
-    options.validate()
-    check_keep_float(src, options.keep_float)
-    enums = ort_enums(options)
     calib_extra: dict[str, object] = {"symmetric": options.symmetric_activations}
     if options.calib_method != "minmax":
         calib_extra["num_bins"] = options.calib_bins
     if options.calib_method == "percentile":
         calib_extra["percentile"] = options.percentile
-    with tempfile.TemporaryDirectory(prefix="ptq-quant-") as tmp:
-        pre = Path(tmp) / "preprocessed.onnx"
-        with phases("preprocess"):
-            graph = "pre-processed (quant_pre_process)"
-            try:
-                quant_pre_process(str(src), str(pre))
-            except Exception as exc:  # symbolic shape inference fails on some graphs; quantize the plain one
-                log.warning("ONNX Runtime pre-processing failed (%s); quantizing the un-preprocessed model", exc)
-                graph = f"raw graph: quant_pre_process failed ({str(exc).splitlines()[0][:150]})"
-                pre = src
-        with phases("calibrate"):
-            calibrator = create_calibrator(
-                pre,
-                None,
-                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                calibrate_method=enums["calibrate_method"],
-                extra_options=calib_extra,
-            )
-            name = input_name(src)
-            while True:
-                chunk = list(itertools.islice(batches, max(1, CALIB_CHUNK_IMAGES // options.calib_batch)))
-                if not chunk:
-                    break
-                calibrator.collect_data(batch_reader(name, iter(chunk)))
-            ranges = calibrator.compute_data()
-            save_ranges(ranges, calib_cache)
-            del calibrator
-        with phases("quantize"), _quiet_root_logger():
-            quantize_from_ranges(pre, dst, ranges, calib_cache, options)
-    return graph
+    calibrator = create_calibrator(
+        model, None, augmented_model_path=str(workdir / "augmented.onnx"), calibrate_method=ort_enums(options)["calibrate_method"], extra_options=calib_extra
+    )
+    name = input_name(model)
+    while True:
+        chunk = list(itertools.islice(batches, max(1, CALIB_CHUNK_IMAGES // options.calib_batch)))
+        if not chunk:
+            break
+        calibrator.collect_data(batch_reader(name, iter(chunk)))
+    return calibrator.compute_data()
 
 
 def save_ranges(ranges: Any, path: Path) -> None:
@@ -201,17 +218,21 @@ def save_ranges(ranges: Any, path: Path) -> None:
     save_tensors_data(ranges, path)
 
 
-def quantize_from_ranges(src: Path, dst: Path, ranges: Any, calib_cache: Path, options: QuantOptions) -> None:
-    """`quantize_static` from ranges computed beforehand, so calibration and quantization are timed apart. ONNX
-    Runtime 1.27+ loads them from its calibration cache; older releases (the only ones for Python 3.8 and 3.10, so
-    JetPack) always calibrate inside, so there the calibrator it creates hands back these ranges and reads no image."""
+def quantize_from_ranges(src: Path, dst: Path, ranges: Any, calib_cache: Path, options: QuantOptions, only: list[str] | None = None) -> None:
+    """`quantize_static` from ranges computed beforehand (all nodes but `keep_float`, or `only` these), so calibration
+    and quantization are timed apart. ONNX Runtime 1.27+ loads them from its calibration cache; older releases (the
+    only ones for Python 3.8 and 3.10, so JetPack) always calibrate inside, so there the calibrator it creates hands
+    back these ranges and reads no image."""
     from onnxruntime.quantization import quantize_static
 
     kwargs: dict[str, Any] = {**ort_enums(options), "extra_options": {"ActivationSymmetric": options.symmetric_activations}}
     if options.keep_float:
         kwargs["nodes_to_exclude"] = list(options.keep_float)
+    if only is not None:
+        kwargs["nodes_to_quantize"] = only
     if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
-        quantize_static(str(src), str(dst), None, calibration_cache_path=calib_cache, **kwargs)
+        with _quiet_root_logger():
+            quantize_static(str(src), str(dst), None, calibration_cache_path=calib_cache, **kwargs)
         return
 
     class Precomputed:
@@ -222,7 +243,7 @@ def quantize_from_ranges(src: Path, dst: Path, ranges: Any, calib_cache: Path, o
             return ranges
 
     module = importlib.import_module("onnxruntime.quantization.quantize")  # the package exports a function of that name
-    with mock.patch.object(module, "create_calibrator", lambda *a, **k: Precomputed()):
+    with mock.patch.object(module, "create_calibrator", lambda *a, **k: Precomputed()), _quiet_root_logger():
         quantize_static(str(src), str(dst), batch_reader(input_name(src), iter(())), **kwargs)
 
 

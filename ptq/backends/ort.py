@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,28 @@ class OrtBackend(Backend):
             with job.phases("convert"):
                 return Compressed(quantize.to_fp16(job.fp32_onnx, out), numerics="fp16 weights and arithmetic, fp32 inputs and outputs")
         opts: quantize.QuantOptions = job.options
+        tags: dict[str, str] = {}
+        k = opts.keep_count()
+        if k is not None:
+            opts, tags = self._keep_most_sensitive(job, opts, k)
         cache = job.workdir / "calibration_ranges.json"
         graph = quantize.to_int8(job.fp32_onnx, out, job.calib_batches(opts.calib_batch), opts, job.phases, cache)
-        return Compressed(out, artifacts=[cache], numerics=quantize.describe(opts), tags={"numerics.int8_graph": graph})
+        return Compressed(out, artifacts=[cache], numerics=quantize.describe(opts), tags={"numerics.int8_graph": graph, **tags})
+
+    SENSITIVITY_IMAGES = 64  # calibration images the ranking of keep_float=k measures divergence on
+
+    def _keep_most_sensitive(self, job: CompressJob, opts: quantize.QuantOptions, k: int) -> tuple[quantize.QuantOptions, dict[str, str]]:
+        """keep_float=k: rank the nodes by what their float saves (sensitivity, on calibration images: the
+        evaluation images stay unseen) and keep the first k in float."""
+        from ptq import sensitivity
+
+        with job.phases("sensitivity"):
+            batches = list(job.calib_batches(opts.calib_batch))
+            heldout = np.concatenate(batches)[: self.SENSITIVITY_IMAGES]
+            ranking = sensitivity.rank(job.fp32_onnx, iter(batches), heldout, opts, lambda m, x: open_session(str(m), 0).run(x))
+        kept = tuple(ranking.top(k))
+        note = f"the {k} of {len(ranking.nodes)} nodes whose float saves the most KL on {len(heldout)} calibration images ({ranking.seconds:.0f} s)"
+        return replace(opts, keep_float=kept), {"numerics.keep_float": ",".join(kept), "numerics.keep_float_by": note}
 
     def open(self, model: Compressed, threads: int) -> Session:
         return open_session(str(model.path), threads)
