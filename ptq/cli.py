@@ -23,6 +23,7 @@ from rich.table import Table
 from ptq import doctor, models, pipeline, summary, tracking
 from ptq import report as reports
 from ptq import sensitivity as sensitivities
+from ptq import tune as tunes
 from ptq import sweep as sweeps
 from ptq import sync as syncs
 from ptq.backends import BACKENDS, format_value, options_class, user_options
@@ -256,6 +257,36 @@ def sensitivity(
         console.print(f"{ranking.quantizations} quantizations on {ranking.images} images in {ranking.seconds:.0f} s; keep the best 3 in float with "
                       f"--keep-float {','.join(ranking.top(3))}", soft_wrap=True, highlight=False)
         print(result.run_id, file=stdout, flush=True)
+
+
+@app.command(context_settings=EXTRA_RUN_OPTIONS)
+def tune(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Alias, torchvision name or .onnx file (pretrained weights: the drop is measured)")],
+    max_drop: Annotated[float, typer.Option(help="Top-1 drop allowed against FP32, in points, on the same images")],
+    calib_methods: Annotated[str, typer.Option(help="Calibration methods to try, in order")] = "minmax,percentile,entropy",
+    per_channel: Annotated[str, typer.Option("--per-channel-values", help="Per-channel weight scales to try: true,false")] = "true",
+    activation_types: Annotated[str, typer.Option(help="Activation types to try: uint8,int8")] = "uint8",
+    keep_float: Annotated[str, typer.Option("--keep-float-counts", help="How many of the nodes sensitivity ranks first to keep in float")] = "0,1,2,4,8",
+    exhaustive: Annotated[bool, typer.Option(help="Run every candidate and pick the fastest within budget (to see what the guided search saves)")] = False,
+) -> None:
+    """Find the fastest INT8 configuration whose paired top-1 drop stays within --max-drop; each trial a child run.
+
+    Every `ptq run` option (--data, --calib-size, --min-duration-s, ...) applies to every trial."""
+    cfg = _run_config(ctx.args, model=model, precision="int8", backend="ort")
+    try:
+        counts = [int(k) for k in _names(keep_float)]
+    except ValueError:
+        raise PtqError(f"--keep-float-counts {keep_float!r} must be whole numbers, e.g. 0,1,2,4,8") from None
+    candidates = tunes.space(_names(calib_methods), [_bool("per_channel", v) for v in _names(per_channel)], _names(activation_types), counts)
+    with _stopped_by_signal(), _stdout_to_stderr() as stdout:
+        result = tunes.search(cfg, max_drop, candidates, exhaustive)
+        table = Table("trial", "configuration", "top-1 drop (pt)", "p50 (ms)", "speed-up", "s", "within", title=f"tune run {result.parent_run_id}", title_justify="left")
+        for i, t in enumerate(result.trials, 1):
+            table.add_row(str(i), t.candidate.label(), f"{t.drop_pt:.2f}", f"{t.p50_ms:.3f}", f"{t.speedup:.2f}", f"{t.seconds:.0f}", "yes" if t.within(max_drop) else "no")
+        console.print(table)
+        console.print(f"{result.verdict()}; {len(result.trials)} of {len(candidates)} candidates tried in {result.seconds:.0f} s", soft_wrap=True, highlight=False)
+        print(result.parent_run_id, file=stdout, flush=True)
 
 
 @app.command()

@@ -40,6 +40,35 @@ def is_quantized_op(op_type: str) -> bool:
     return op_type.startswith("QLinear") or op_type in INT_OPS
 
 
+# Kernels whose float counterpart does not follow from dropping a "QLinear" prefix.
+FAMILIES = {
+    "QGemm": "Gemm",
+    "FusedGemm": "Gemm",
+    "FusedConv": "Conv",
+    "ConvInteger": "Conv",
+    "NhwcFusedConv": "Conv",
+    "MatMulInteger": "MatMul",
+    "MatMulIntegerToFloat": "MatMul",
+    "DynamicQuantizeMatMul": "MatMul",
+    "FusedMatMul": "MatMul",
+    "NhwcMaxPool": "MaxPool",
+    "QuantizeLinear": "Q/DQ",
+    "DequantizeLinear": "Q/DQ",
+    "DynamicQuantizeLinear": "Q/DQ",
+    "ReorderInput": "layout",  # NCHWc conversions of the FP32 graph
+    "ReorderOutput": "layout",
+    "Transpose": "layout",  # NCHW <-> NHWC of the INT8 graph
+}
+
+
+def op_family(op_type: str) -> str:
+    """The float op a kernel stands for, so an FP32 and an INT8 graph line up: QLinearConv, ConvInteger and
+    FusedConv -> Conv, QGemm -> Gemm, Q/DQ kernels -> "Q/DQ", reorders and transposes -> "layout"."""
+    if op_type in FAMILIES:
+        return FAMILIES[op_type]
+    return op_type[len("QLinear") :] if op_type.startswith("QLinear") else op_type
+
+
 @dataclass(frozen=True)
 class NodeTime:
     """One node of the optimized graph ONNX Runtime ran: its kernel's mean time per query and the element types
@@ -107,23 +136,25 @@ class OpProfile:
             for n in sorted(self.nodes, key=lambda n: (-n.us, n.name))
         ]
 
-    def by_op(self) -> List[Dict[str, Any]]:
-        """One row per op type, slowest first: op_type, us (sum of its nodes' means), share, nodes (count)."""
+    def by_op(self, family: bool = False) -> List[Dict[str, Any]]:
+        """One row per op type, slowest first: op_type, us (sum of its nodes' means), share, nodes (count).
+        With `family`, kernels are grouped by `op_family` instead (QLinearConv with Conv...)."""
         sums: Dict[str, List[float]] = {}
         for n in self.nodes:
-            sums.setdefault(n.op_type, []).append(n.us)
+            sums.setdefault(op_family(n.op_type) if family else n.op_type, []).append(n.us)
         rows = [{"op_type": op, "us": float(sum(v)), "share": self._share(float(sum(v))), "nodes": len(v)} for op, v in sums.items()]
         return sorted(rows, key=lambda r: (-r["us"], r["op_type"]))
 
-    def table(self, other: Optional[OpProfile] = None) -> Dict[str, list]:
+    def table(self, other: Optional[OpProfile] = None, family: bool = False) -> Dict[str, list]:
         """Column -> values (what `mlflow.log_table` takes). Alone: this profile per op type. With `other`: this
         profile as the reference (FP32) against `other` (INT8) per op type present in either, largest first;
-        `int8_over_fp32` is None where one side lacks the op type."""
+        `int8_over_fp32` is None where one side lacks the op type. `family` groups kernels by `op_family`, which
+        lines Conv up with QLinearConv."""
         if other is None:
-            rows = self.by_op()
+            rows = self.by_op(family)
             return {key: [r[key] for r in rows] for key in ("op_type", "us", "share", "nodes")}
-        mine = {r["op_type"]: r for r in self.by_op()}
-        theirs = {r["op_type"]: r for r in other.by_op()}
+        mine = {r["op_type"]: r for r in self.by_op(family)}
+        theirs = {r["op_type"]: r for r in other.by_op(family)}
         ops = sorted(set(mine) | set(theirs), key=lambda op: (-max(mine.get(op, {}).get("us", 0.0), theirs.get(op, {}).get("us", 0.0)), op))
         cols: Dict[str, list] = {k: [] for k in ("op_type", "fp32_us", "int8_us", "int8_over_fp32", "fp32_nodes", "int8_nodes")}
         for op in ops:

@@ -116,7 +116,7 @@ def load_runs(experiments: list[str], device: str = "", model: str = "", precisi
         def values(name: str) -> pd.Series:
             return frame[name] if name in frame else pd.Series(None, index=frame.index, dtype=object)
 
-        keep = values("params.precision").isin(PRECISIONS) & (values("tags.ptq.kind") != "report")
+        keep = values("params.precision").isin(PRECISIONS) & values("tags.ptq.kind").isna()  # not a report, sensitivity or tune run
         if device:  # MLflow's filter has no OR: the name reports use, or the host name of older runs and scripts
             keep &= (values("tags.device.name") == device) | (values("tags.device.host") == device)
         runs = runs[keep]

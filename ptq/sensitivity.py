@@ -12,11 +12,13 @@ also the top-1 drop on the evaluation images, where labels are known.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -166,6 +168,27 @@ def rank(
                 out.unlink()
     notes = [f"graph: {graph}"] + ([f"{len(kinds) - len(names)} nodes fused away by pre-processing"] if len(names) < len(kinds) else [])
     return Ranking(nodes, per_kind, whole, time.perf_counter() - started, len(heldout), count, notes=notes)
+
+
+def ranked_nodes(fp32: Path, batches: List[np.ndarray], heldout: np.ndarray, options: quantize.QuantOptions, run: Runner) -> tuple[List[str], str]:
+    """The nodes in the order `rank` puts them, and where the order came from: `rank` runs once per model file,
+    options, calibration images and ONNX Runtime version, and is kept under $PTQ_CACHE_DIR/sensitivity (a tune's
+    trials and repeated keep_float=k runs then share it)."""
+    import onnxruntime
+
+    from ptq.data import cache_dir
+
+    digest = hashlib.sha256(fp32.read_bytes())
+    digest.update(json.dumps([asdict(replace(options, keep_float=())), onnxruntime.__version__, len(heldout)], sort_keys=True).encode())
+    for b in batches:
+        digest.update(np.ascontiguousarray(b).tobytes())
+    path = cache_dir() / "sensitivity" / f"{digest.hexdigest()[:24]}.json"
+    if path.is_file():
+        return list(json.loads(path.read_text())["order"]), f"cached ranking {path.name}"
+    ranking = rank(fp32, iter(batches), heldout, options, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"order": ranking.top(len(ranking.nodes)), "table": ranking.table()}))
+    return ranking.top(len(ranking.nodes)), f"ranked in {ranking.seconds:.0f} s"
 
 
 def plot(ranking: Ranking, path: Path, top: int = 20) -> Path:

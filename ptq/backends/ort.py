@@ -63,9 +63,9 @@ class OrtBackend(Backend):
         with job.phases("sensitivity"):
             batches = list(job.calib_batches(opts.calib_batch))
             heldout = np.concatenate(batches)[: self.SENSITIVITY_IMAGES]
-            ranking = sensitivity.rank(job.fp32_onnx, iter(batches), heldout, opts, lambda m, x: open_session(str(m), 0).run(x))
-        kept = tuple(ranking.top(k))
-        note = f"the {k} of {len(ranking.nodes)} nodes whose float saves the most KL on {len(heldout)} calibration images ({ranking.seconds:.0f} s)"
+            order, how = sensitivity.ranked_nodes(job.fp32_onnx, batches, heldout, opts, lambda m, x: open_session(str(m), 0).run(x))
+        kept = tuple(order[:k])
+        note = f"the {k} of {len(order)} nodes whose float saves the most KL on {len(heldout)} calibration images ({how})"
         return replace(opts, keep_float=kept), {"numerics.keep_float": ",".join(kept), "numerics.keep_float_by": note}
 
     def open(self, model: Compressed, threads: int) -> Session:
