@@ -9,6 +9,9 @@ from typing import Callable, Optional
 
 Listener = Callable[[Optional[str]], None]
 
+# The phases that make up compression, in run order; their times sum to compress/total_s.
+COMPRESS_PHASES = ("export", "sensitivity", "preprocess", "calibrate", "quantize", "select", "convert", "build")
+
 
 class Phases:
     """Times each phase with a monotonic clock and tells listeners (the monitor) when one starts or ends."""

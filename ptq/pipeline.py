@@ -20,7 +20,7 @@ from ptq.backends import Backend, Compressed, CompressJob, get_backend
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 from ptq.monitor import Monitor
-from ptq.phases import Phases
+from ptq.phases import COMPRESS_PHASES, Phases
 from ptq.progress import track
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMPRESS_PHASES = ("export", "sensitivity", "preprocess", "calibrate", "quantize", "convert", "build")
 
 
 def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
@@ -168,7 +167,7 @@ def _execute(
         for s in track(starts, total=len(starts), description="calibrate", enabled=cfg.progress):
             yield tensors.batch(calib_idx[s : s + batch_size])
 
-    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, options, phases, work, (cfg.batch_size, max(cfg.batch_size, cfg.eval_batch_size)))
+    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, options, phases, work, (cfg.batch_size, max(cfg.batch_size, cfg.eval_batch_size)), cfg.threads_used)
     compressed = backend.compress(job)
     with phases("build"):
         session = backend.open(compressed, cfg.threads_used)
@@ -261,7 +260,7 @@ def _log_compression(rec: tracking.Recorder, phases: Phases, fp32_path: Path, co
     size = compressed.path.stat().st_size
     rec.tags({"numerics.model": compressed.numerics, **compressed.tags})
     rec.link_metrics(_log_models(rec, fp32_path, compressed))
-    rec.metrics({**times, "size/model_bytes": size, "size/ratio": fp32_path.stat().st_size / size})
+    rec.metrics({**times, **compressed.metrics, "size/model_bytes": size, "size/ratio": fp32_path.stat().st_size / size})
     rec.artifact(fp32_path, "model")
     if compressed.path != fp32_path:
         rec.artifact(compressed.path, "model")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from rich.table import Table
 
-COMPRESS_PHASES = ("export", "preprocess", "calibrate", "quantize", "convert", "build")
+from ptq.phases import COMPRESS_PHASES
 
 
 def _num(metrics: Mapping[str, float], key: str) -> float | None:

@@ -88,6 +88,7 @@ class CompressJob:
     phases: Phases
     workdir: Path
     batch_sizes: Tuple[int, int] = (1, 32)  # the latency batch and the largest (evaluation) batch
+    threads: int = 0  # CPU threads the run's sessions use (0: the runtime's default)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Compressed:
     handle: object | None = None  # an in-memory model a backend may hand from compress() to open()
     numerics: str = ""  # what the model really computes in ("fp32 (TF32 off)", "int8 with fp16 fallback"...)
     tags: dict[str, str] = field(default_factory=dict)  # further facts about how it was made, logged as run tags
+    metrics: dict[str, float] = field(default_factory=dict)  # what choosing among variants measured, logged as run metrics
 
 
 class Session(ABC):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,8 +53,45 @@ class OrtBackend(Backend):
         if k is not None:
             opts, tags = self._keep_most_sensitive(job, opts, k)
         cache = job.workdir / "calibration_ranges.json"
+        if opts.activation_type == "auto":
+            return self._faster_activation(job, opts, out, cache, tags)
         graph = quantize.to_int8(job.fp32_onnx, out, job.calib_batches(opts.calib_batch), opts, job.phases, cache)
         return Compressed(out, artifacts=[cache], numerics=quantize.describe(opts), tags={"numerics.int8_graph": graph, **tags})
+
+    # activation_type=auto: a short alternating measurement of both models, at the run's batch size and threads
+    AUTO_TIMING = {"warmup": 5, "min_queries": 60, "min_duration_s": 1.0, "blocks": 6}
+
+    def _faster_activation(self, job: CompressJob, opts: quantize.QuantOptions, out: Path, cache: Path, tags: dict[str, str]) -> Compressed:
+        """Quantize with uint8 and with int8 activations from one calibration, time both side by side, keep the
+        faster: which one is faster depends on the CPU (VNNI and AMX have u8*s8 dot products, ARM s8*s8)."""
+        from ptq import bench
+
+        quantize.check_keep_float(job.fp32_onnx, opts.keep_float)
+        with tempfile.TemporaryDirectory(prefix="ptq-auto-") as tmp:
+            with job.phases("preprocess"):
+                pre, graph = quantize.preprocess(job.fp32_onnx, Path(tmp) / "pre.onnx")
+            with job.phases("calibrate"):
+                batches = list(job.calib_batches(opts.calib_batch))
+                ranges = quantize.calibrate(pre, iter(batches), opts, Path(tmp))
+                quantize.save_ranges(ranges, cache)
+            paths = {act: Path(tmp) / f"model_{act}.onnx" for act in ("uint8", "int8")}
+            with job.phases("quantize"):
+                for act, path in paths.items():
+                    quantize.quantize_from_ranges(pre, path, ranges, cache, replace(opts, activation_type=act))
+            with job.phases("select"):
+                batch = np.concatenate(batches)[: job.batch_sizes[0]]
+                method = bench.LatencyMethod(**self.AUTO_TIMING, batch_size=len(batch))  # type: ignore[arg-type]
+                sessions: dict[str, Session] = {act: open_session(str(path), job.threads) for act, path in paths.items()}
+                p50 = {act: lat.percentiles()[0] for act, lat in bench.time_blocks(sessions, batch, method).items()}
+                del sessions
+            chosen = min(p50, key=lambda act: p50[act])
+            shutil.move(str(paths[chosen]), out)
+        opts = replace(opts, activation_type=chosen)
+        note = f"{chosen}: p50 uint8 {p50['uint8']:.3f} ms, int8 {p50['int8']:.3f} ms ({method.blocks} alternating blocks of {method.block_queries} queries at batch {len(batch)})"
+        return Compressed(
+            out, artifacts=[cache], numerics=quantize.describe(opts), tags={"numerics.int8_graph": graph, "numerics.activation_auto": note, **tags},
+            metrics={"compress/auto_uint8_p50_ms": p50["uint8"], "compress/auto_int8_p50_ms": p50["int8"]},
+        )
 
     SENSITIVITY_IMAGES = 64  # calibration images the ranking of keep_float=k measures divergence on
 
@@ -63,7 +103,8 @@ class OrtBackend(Backend):
         with job.phases("sensitivity"):
             batches = list(job.calib_batches(opts.calib_batch))
             heldout = np.concatenate(batches)[: self.SENSITIVITY_IMAGES]
-            order, how = sensitivity.ranked_nodes(job.fp32_onnx, batches, heldout, opts, lambda m, x: open_session(str(m), 0).run(x))
+            ranked = replace(opts, activation_type="uint8") if opts.activation_type == "auto" else opts  # ranked as ORT's default
+            order, how = sensitivity.ranked_nodes(job.fp32_onnx, batches, heldout, ranked, lambda m, x: open_session(str(m), 0).run(x))
         kept = tuple(order[:k])
         note = f"the {k} of {len(order)} nodes whose float saves the most KL on {len(heldout)} calibration images ({how})"
         return replace(opts, keep_float=kept), {"numerics.keep_float": ",".join(kept), "numerics.keep_float_by": note}
