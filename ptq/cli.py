@@ -63,6 +63,7 @@ def _config(params: Dict[str, Any]) -> RunConfig:
         mean=_triple(str(o.pop("mean"))),
         std=_triple(str(o.pop("std"))),
         monitor=_bool("monitor", str(o.pop("monitor"))),
+        profile=_bool("profile", str(o.pop("profile"))),
         progress=_bool("progress", str(o.pop("progress"))) and sys.stderr.isatty(),
         **o,
     )
@@ -133,6 +134,7 @@ def run(
     experiment: Annotated[str, typer.Option(help="MLflow experiment name")] = "ptq",
     monitor: Annotated[str, typer.Option("--monitor", help="Sample resources during the run: true/false")] = "true",
     monitor_interval: Annotated[float, typer.Option(help="Seconds between resource samples")] = 1.0,
+    profile: Annotated[str, typer.Option(help="Per-op kernel times of both models (ONNX Runtime's profiler): true/false")] = "false",
     progress: Annotated[str, typer.Option(help="Draw progress bars (on a terminal): true/false")] = "true",
     options: Optional[Dict[str, str]] = None,
 ) -> None:

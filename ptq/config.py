@@ -40,6 +40,7 @@ class RunConfig:
     experiment: str = "ptq"
     monitor: bool = True
     monitor_interval: float = 1.0
+    profile: bool = False  # per-op kernel times of both models (where the backend has a profiler)
     progress: bool = True
 
     def __post_init__(self) -> None:

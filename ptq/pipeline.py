@@ -36,6 +36,8 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
     spec = models.resolve(cfg.model, cfg.input_size, cfg.mean, cfg.std)
     backend = get_backend(cfg.backend)
     backend.check(cfg.precision, onnx_only=spec.build is None)
+    if cfg.profile and not backend.profiles:
+        raise PtqError(f"backend {cfg.backend} has no per-op profiler in ptq yet: use profile=false, or backend=ort")
     options = cfg.backend_options()
     if spec.onnx_path is not None:
         export.check_classifier(spec.onnx_path, spec.transform.crop, accuracy=cfg.weights == "pretrained")
@@ -191,6 +193,11 @@ def _execute(
     if "fp32_" in latency:
         _log_speedup(rec, cfg, latency["fp32_"], mine)
     _log_latency_samples(rec, work, cfg.precision, latency)
+    if cfg.profile:
+        models_run = {"": compressed, **({"fp32_": ref_model} if cfg.precision != "fp32" else {})}
+        with phases("profile"):
+            profiles = {prefix: backend.profile(m, batch, cfg.threads_used) for prefix, m in models_run.items()}
+        _log_profile(rec, work, cfg.precision, profiles, compressed)
 
     if cfg.weights == "pretrained" and eval_idx:
         labels = np.asarray([dataset.labels[i] for i in eval_idx])
@@ -236,6 +243,24 @@ def _log_speedup(rec: tracking.Recorder, cfg: RunConfig, reference: bench.Latenc
         note = f"{cfg.precision} is slower than fp32 here: {speedup:.2f}x the fp32 speed at batch {cfg.batch_size} (95 % CI {low:.2f}-{high:.2f})"
         log.warning(note)
         rec.tags({"ptq.warning": note})
+
+
+def _log_profile(rec: tracking.Recorder, work: Path, precision: str, profiles: dict[str, Any], compressed: Compressed) -> None:
+    """Per op type (FP32 against the compressed model) as `profile.json`, per node as `profile_nodes.json`, the
+    compressed model's float islands and Q/DQ cost, a plot, and the kernel time per query of each as metrics."""
+    from ptq import profile
+
+    mine, ref = profiles[""], profiles.get("fp32_")
+    rec.table(ref.table(mine, family=True) if ref is not None else mine.table(), "profile.json")
+    nodes = mine.by_node()
+    rec.table({k: [r[k] for r in nodes] for k in ("node", "op_type", "us", "share", "input_type")}, "profile_nodes.json")
+    rec.metrics({"profile/kernel_us": mine.total_us, **({"profile/fp32_kernel_us": ref.total_us} if ref is not None else {})})
+    if precision == "int8" and compressed.path.suffix == ".onnx":
+        islands = profile.float_islands(compressed.path, mine)
+        rec.text(json.dumps({"qdq": profile.qdq_overhead(mine), "float_islands": islands}, indent=1), "profile_int8.json")
+        rec.metrics({"profile/qdq_us": profile.qdq_overhead(mine)["qdq_us"], "profile/float_island_us": sum(r["us"] for r in islands)})
+    if ref is not None and importlib.util.find_spec("matplotlib") is not None:
+        rec.artifact(profile.plot(ref, mine, work / "profile.png"))
 
 
 def _log_models(rec: tracking.Recorder, fp32_path: Path, compressed: Compressed) -> str:

@@ -342,15 +342,16 @@ def float_islands(qdq_model_path: Path, optimized_profile: OpProfile) -> List[Di
     return rows
 
 
-def plot(fp32: OpProfile, int8: OpProfile, path: Path, top: int = 15) -> Path:
+def plot(fp32: OpProfile, int8: OpProfile, path: Path, top: int = 15, family: bool = False) -> Path:
     """Horizontal bars of µs per query per op type, FP32 and INT8 side by side, the `top` largest op types
-    (by the larger of the two) first, totals per query in the title."""
+    (by the larger of the two) first, totals per query in the title. `family` groups kernels by `op_family`
+    (Conv beside QLinearConv), the clearer picture of where INT8 gains or loses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = fp32.table(int8)
+    cols = fp32.table(int8, family=family)
     shown = list(zip(cols["op_type"], cols["fp32_us"], cols["int8_us"]))[:top][::-1]
     y = np.arange(len(shown))
     height = 0.4
@@ -359,7 +360,7 @@ def plot(fp32: OpProfile, int8: OpProfile, path: Path, top: int = 15) -> Path:
     ax.barh(y - height / 2, [i for _, _, i in shown], height, label="INT8", color="tab:orange")
     ax.set_yticks(y)
     ax.set_yticklabels([op for op, _, _ in shown], fontsize=8)
-    ax.set_xlabel("µs per query (mean kernel time)")
+    ax.set_xlabel("µs per query (mean kernel time)" + (", kernels grouped by the float op they stand for" if family else ""))
     threads = f", {fp32.threads} threads" if fp32.threads else ""
     ax.set_title(
         f"Per-op time: FP32 {fp32.total_us:.0f} µs, INT8 {int8.total_us:.0f} µs per query "

@@ -341,6 +341,24 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_section(table: pd.DataFrame, work: Path, top: int = 6) -> str:
+    """Where the time goes, for the runs logged with profile=true: kernel µs per query of the largest op families,
+    FP32 against the compressed model (from each run's profile.json); empty where no run has a profile."""
+    lines = []
+    for _, r in table.iterrows():
+        prof = _artifact_table(r.run_id, "profile.json", work)
+        if prof is None or "int8_us" not in prof:
+            continue
+        rows = "; ".join(
+            f"{o.op_type} {o.fp32_us:.0f} → {o.int8_us:.0f}" + (f" ({o.int8_over_fp32:.2f}×)" if pd.notna(o.int8_over_fp32) else "")
+            for o in prof.head(top).itertuples()
+        )
+        lines.append(f"- {_fmt(r.device)} {r.model} {r.precision} {r.backend}: fp32 {prof.fp32_us.sum():.0f} µs → {prof.int8_us.sum():.0f} µs per query in kernels; {rows}")
+    if not lines:
+        return ""
+    return "\n## Per-op profiles (kernel µs per query, FP32 → compressed)\n\n" + "\n".join(lines) + "\n"
+
+
 def build(experiments: list[str], out: Path, device: str = "", model: str = "", precision: str = "", log_run: bool = True) -> Report:
     """Pull runs, compute the study's tables and statistics, write files to `out` and log them as a report run."""
     runs = load_runs(experiments, device, model, precision)
@@ -348,8 +366,9 @@ def build(experiments: list[str], out: Path, device: str = "", model: str = "", 
     with tempfile.TemporaryDirectory(prefix="ptq-report-") as tmp:
         table = add_statistics(add_phase_figures(tidy(runs), Path(tmp)), Path(tmp))
         files = _plots(table, Path(tmp), out)
+        profiles = profile_section(table, Path(tmp))
     table.to_csv(out / "runs.csv", index=False)
-    (out / "report.md").write_text(markdown(table))
+    (out / "report.md").write_text(markdown(table) + profiles)
     files += [out / "runs.csv", out / "report.md"]
     if log_run:
         if not tracking.under_mlflow_run():  # `mlflow run -e report` logs into its own project run

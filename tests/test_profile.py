@@ -180,3 +180,34 @@ def test_plot_writes_png(mob_s: Tuple[Path, OpProfile, OpProfile], tmp_path: Pat
     out = profile.plot(fp32, int8, tmp_path / "ops.png", top=8)
     assert out == tmp_path / "ops.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    grouped = profile.plot(fp32, int8, tmp_path / "families.png", family=True)
+    assert grouped.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_with_profile_logs_where_the_time_goes_and_the_report_shows_it(mob_s: Tuple[Path, OpProfile, OpProfile], small_dir: Path, tmp_path: Path) -> None:
+    """profile=true: per op family FP32 against INT8 (profile.json), per node, Q/DQ and float islands, in the run
+    and in the report; a backend without a profiler is refused before any run."""
+    import mlflow
+
+    from ptq import pipeline, report
+    from ptq.config import RunConfig
+
+    fp32 = mob_s[0].parent / "mob-s.onnx"  # the fixture exported it beside the INT8 file it returns
+    cfg = RunConfig(model=str(fp32), weights="random", data=small_dir, calib_size=8, eval_size=8, min_queries=20, min_duration_s=0, blocks=2, warmup=2,
+                    monitor=False, progress=False, profile=True)
+    run_id = pipeline.run(cfg)
+    run = mlflow.get_run(run_id)
+    names = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id)}
+    assert {"profile.json", "profile_nodes.json", "profile_int8.json", "profile.png"} <= names
+    ops = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/profile.json"))
+    table = dict(zip(ops["columns"], zip(*ops["data"])))
+    assert "Q/DQ" in table["op_type"] and sum(table["int8_us"]) == pytest.approx(run.data.metrics["profile/kernel_us"], rel=1e-6)
+    assert sum(table["fp32_us"]) == pytest.approx(run.data.metrics["profile/fp32_kernel_us"], rel=1e-6)
+    detail = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/profile_int8.json"))
+    assert detail["qdq"]["qdq_us"] == pytest.approx(run.data.metrics["profile/qdq_us"]) and {r["op_type"] for r in detail["float_islands"]} >= {"HardSigmoid"}
+    built = report.build(["ptq"], tmp_path / "report", log_run=False)
+    section = (built.folder / "report.md").read_text().split("## Per-op profiles")[1]
+    assert f"{fp32} int8 ort: fp32 {sum(table['fp32_us']):.0f} µs → {sum(table['int8_us']):.0f} µs per query in kernels" in section
+    with pytest.raises(PtqError, match="backend torch has no per-op profiler in ptq yet: use profile=false, or backend=ort"):
+        pipeline.run(RunConfig(model="mob-s", backend="torch", precision="fp32", data=small_dir, profile=True))
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 1

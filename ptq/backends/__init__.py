@@ -147,6 +147,13 @@ class Backend(ABC):
     def open(self, model: Compressed, threads: int) -> Session:
         """Load the compressed model for inference with `threads` CPU threads."""
 
+    profiles: ClassVar[bool] = False  # whether `profile` works
+
+    def profile(self, model: Compressed, batch: np.ndarray, threads: int) -> Any:
+        """Kernel time per node and op type of `model` on `batch` (a `ptq.profile.OpProfile`), where the runtime
+        has a profiler (`profiles`)."""
+        raise NotImplementedError(self.name)
+
     @abstractmethod
     def versions(self) -> dict[str, str]:
         """Runtime library versions, logged as tags."""

@@ -112,6 +112,15 @@ class OrtBackend(Backend):
     def open(self, model: Compressed, threads: int) -> Session:
         return open_session(str(model.path), threads)
 
+    profiles = True
+    PROFILE_QUERIES = 100
+
+    def profile(self, model: Compressed, batch: np.ndarray, threads: int) -> Any:
+        """ONNX Runtime's own profiler over PROFILE_QUERIES queries after a warm-up (`ptq.profile`)."""
+        from ptq.profile import profile_onnx
+
+        return profile_onnx(model.path, batch, threads, queries=self.PROFILE_QUERIES)
+
     def versions(self) -> dict[str, str]:
         import onnxruntime as ort
 
