@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 import typer
-from typing_extensions import Annotated
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from typing_extensions import Annotated
 
 from ptq import doctor, models, pipeline, summary, tracking
 from ptq import report as reports
 from ptq import sensitivity as sensitivities
-from ptq import tune as tunes
 from ptq import sweep as sweeps
 from ptq import sync as syncs
+from ptq import tune as tunes
 from ptq.backends import BACKENDS, format_value, options_class, user_options
 from ptq.config import RunConfig
 from ptq.errors import PtqError, stop_on_signals

@@ -394,10 +394,10 @@ class JetsonSysfsSource(Source):
                 self.rails.append(rail)
             except (OSError, ValueError) as exc:  # reported in the tags, never logged as zero
                 self.unreadable[rail.name] = _why(exc)
-        if not (self.rails or self.gpu or self.zones):
+        if not (self.rails or self.gpu):  # thermal zones alone: any Linux machine has them, not a Jetson
             if self.unreadable:
                 raise PermissionError(f"Jetson power rails found under {self.root} but none readable: {self.unreadable}")
-            raise FileNotFoundError(f"not a Jetson: no INA3221 rails, Jetson GPU devfreq or thermal zones under {self.root}")
+            raise FileNotFoundError(f"not a Jetson: no INA3221 rails or Jetson GPU devfreq under {self.root}")
 
     def read(self) -> Dict[str, float]:
         rails_mw: Dict[str, float] = {}

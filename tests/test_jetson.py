@@ -127,6 +127,11 @@ def test_missing_rail_file_mid_run_drops_it_from_that_sample(tmp_path: Path) -> 
 def test_not_a_jetson(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a Jetson"):
         JetsonSysfsSource(tmp_path).open()
+    laptop = copy_of(ORIN, tmp_path / "laptop")  # thermal zones alone are any Linux machine's, not a Jetson's
+    shutil.rmtree(laptop / "sys" / "bus")
+    shutil.rmtree(laptop / "sys" / "class" / "devfreq")
+    with pytest.raises(FileNotFoundError, match="not a Jetson: no INA3221 rails or Jetson GPU devfreq"):
+        JetsonSysfsSource(laptop).open()
     listing = {r.source: r for r in readable_sources(tmp_path)}
     assert not listing["rails"].ok and "no INA3221 rails" in listing["rails"].detail
     assert not listing["GPU load"].ok and not listing["nvpmodel"].ok
