@@ -243,18 +243,19 @@ def sensitivity(
     images: Annotated[int, typer.Option(help="Held-out evaluation images the divergence from FP32 is measured on")] = 64,
     eval_top: Annotated[int, typer.Option(help="Best nodes to keep in float whose top-1 drop is measured on all evaluation images")] = 5,
     show: Annotated[int, typer.Option(help="Rows of the ranking printed")] = 10,
+    metric: Annotated[str, typer.Option(help="Rank by kl (class distributions) or cosine (logits: random weights)")] = "kl",
 ) -> None:
     """Rank the model's Conv/Gemm/MatMul nodes by what keeping each in float saves (KL from FP32's output).
 
     Every `ptq run` option (--data, --calib-size, --calib-method, --per-channel, ...) applies."""
     cfg = _run_config(ctx.args, model=model, precision="int8", backend="ort")
     with _stopped_by_signal(), _stdout_to_stderr() as stdout:
-        result = sensitivities.analyze(cfg, images, eval_top, progress=_count("sensitivity: %d/%d quantized"))
+        result = sensitivities.analyze(cfg, images, eval_top, _count("sensitivity: %d/%d quantized"), metric)
         ranking = result.ranking
-        table = Table("rank", "kept in float", "kind", "KL saved", "KL", "top-1 agree", "top-1 drop (pt)", title=f"sensitivity run {result.run_id}", title_justify="left")
+        table = Table("rank", "kept in float", "kind", f"{metric} saved", "KL", "cos dist", "top-1 agree", "top-1 drop (pt)", title=f"sensitivity run {result.run_id}", title_justify="left")
         for i, d in enumerate([*ranking.nodes[:show], *ranking.kinds, ranking.whole]):
             drop = "—" if d.top1_drop_pt is None else f"{d.top1_drop_pt:.2f}"
-            table.add_row(str(i + 1) if i < show else "", d.node, d.kind, f"{d.recovered:.4f}", f"{d.kl:.4f}", f"{d.agreement:.3f}", drop)
+            table.add_row(str(i + 1) if i < show else "", d.node, d.kind, f"{d.recovered:.3g}", f"{d.kl:.3g}", f"{d.cosine:.3g}", f"{d.agreement:.3f}", drop)
         console.print(table)
         console.print(f"{ranking.quantizations} quantizations on {ranking.images} images in {ranking.seconds:.0f} s; keep the best 3 in float with "
                       f"--keep-float {','.join(ranking.top(3))}", soft_wrap=True, highlight=False)

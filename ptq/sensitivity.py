@@ -32,7 +32,7 @@ from ptq.errors import PtqError
 @dataclass
 class Damage:
     """The output of the model quantized but for `node` (or every node of a kind, "all <kind>"; "none": the
-    whole model), against FP32's; `recovered`: the whole model's KL minus this one's."""
+    whole model), against FP32's; `recovered`: the whole model's ranking metric (KL or cosine distance) minus this one's."""
 
     node: str
     kind: str
@@ -67,12 +67,20 @@ class Ranking:
             "rank": [r for r, _ in rows],
             "kept_in_float": [d.node for _, d in rows],
             "kind": [d.kind for _, d in rows],
-            "kl_recovered": [round(d.recovered, 6) for _, d in rows],
-            "kl": [round(d.kl, 6) for _, d in rows],
-            "cosine_distance": [round(d.cosine, 6) for _, d in rows],
+            f"{self.metric}_recovered": [_sig(d.recovered) for _, d in rows],
+            "kl": [_sig(d.kl) for _, d in rows],
+            "cosine_distance": [_sig(d.cosine) for _, d in rows],
             "top1_agreement": [round(d.agreement, 4) for _, d in rows],
             "top1_drop_pt": [None if d.top1_drop_pt is None else round(d.top1_drop_pt, 2) for _, d in rows],
         }
+
+
+METRICS = ("kl", "cosine")  # what the ranking orders by: KL of the class distributions, or cosine distance of the logits
+
+
+def _sig(x: float) -> float:
+    """Four significant digits: random weights give KLs of 1e-7, which fixed decimals round to zero."""
+    return float(f"{x:.4g}")
 
 
 def node_kinds(model: Path) -> Dict[str, str]:
@@ -102,7 +110,7 @@ def divergence(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float,
     p, q = log_softmax(reference), log_softmax(logits)
     kl = float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
     a, b = reference.astype(np.float64), logits.astype(np.float64)
-    cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)  # random weights: logits of 1e-7
     return kl, float(np.mean(1.0 - cos)), float(np.mean(reference.argmax(1) == logits.argmax(1)))
 
 
@@ -118,11 +126,14 @@ def rank(
     evaluate: Optional[Callable[[Path], float]] = None,
     eval_top: int = 5,
     progress: Optional[Callable[[int, int], None]] = None,
+    metric: str = "kl",
 ) -> Ranking:
     """Quantize `fp32` whole, then but for each weighted node in turn, then but for each kind of node (ranges from
     one calibration on `calib_batches`); run each on the `heldout` images with `run` and rank the nodes by the KL
     from FP32's output their float takes away. `evaluate(model) -> top-1` adds the top-1 drop of the whole model
     and of the model with each of the `eval_top` best nodes kept in float."""
+    if metric not in METRICS:
+        raise PtqError(f"unknown metric {metric!r}: use kl (class distributions; pretrained weights) or cosine (logits; random weights, whose near-uniform outputs leave KL near 0)")
     started = time.perf_counter()
     kinds = node_kinds(fp32)
     if not kinds:
@@ -156,7 +167,7 @@ def rank(
         for group, label, kind in [([n], n, kinds[n]) for n in names] + [([n for n in names if kinds[n] == k], f"all {k}", k) for k in sorted(set(kinds.values()))]:
             damage, out = trial(group, label, kind)
             out.unlink()
-            damage.recovered = whole.kl - damage.kl
+            damage.recovered = getattr(whole, metric) - getattr(damage, metric)
             (nodes if len(group) == 1 and label in kinds else per_kind).append(damage)
         nodes.sort(key=lambda d: -d.recovered)
         if evaluate is not None:
@@ -167,7 +178,7 @@ def rank(
                 damage.top1_drop_pt = 100 * (base - evaluate(out))
                 out.unlink()
     notes = [f"graph: {graph}"] + ([f"{len(kinds) - len(names)} nodes fused away by pre-processing"] if len(names) < len(kinds) else [])
-    return Ranking(nodes, per_kind, whole, time.perf_counter() - started, len(heldout), count, notes=notes)
+    return Ranking(nodes, per_kind, whole, time.perf_counter() - started, len(heldout), count, metric, notes)
 
 
 def ranked_nodes(fp32: Path, batches: List[np.ndarray], heldout: np.ndarray, options: quantize.QuantOptions, run: Runner) -> tuple[List[str], str]:
@@ -192,7 +203,7 @@ def ranked_nodes(fp32: Path, batches: List[np.ndarray], heldout: np.ndarray, opt
 
 
 def plot(ranking: Ranking, path: Path, top: int = 20) -> Path:
-    """Bar chart of the KL that keeping each of the `top` best nodes in float takes away, coloured by kind."""
+    """Bar chart of the metric that keeping each of the `top` best nodes in float takes away, coloured by kind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,10 +214,11 @@ def plot(ranking: Ranking, path: Path, top: int = 20) -> Path:
     colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
     fig, ax = plt.subplots(figsize=(9, 0.3 * len(shown) + 1.5))
     ax.barh([d.node[-48:] for d in shown], [d.recovered for d in shown], color=[colours[d.kind] for d in shown])
-    ax.axvline(ranking.whole.kl, color="black", linestyle="--", label=f"KL of the whole model quantized: {ranking.whole.kl:.4f}")
+    whole = getattr(ranking.whole, ranking.metric)
+    ax.axvline(whole, color="black", linestyle="--", label=f"{ranking.metric} of the whole model quantized: {whole:.4g}")
     for k in kinds:
         ax.barh([], [], color=colours[k], label=k)
-    ax.set_xlabel("KL(fp32 || int8) taken away by keeping the node in float, held-out images")
+    ax.set_xlabel(f"{ranking.metric} (fp32 vs int8) taken away by keeping the node in float, held-out images")
     ax.set_title(f"Sensitivity: {len(ranking.nodes)} nodes, {ranking.seconds:.0f} s, {ranking.images} images")
     ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=7, loc="lower right")
@@ -224,7 +236,7 @@ class Result:
     ranking: Ranking
 
 
-def analyze(cfg: RunConfig, images: int = 64, eval_top: int = 5, progress: Optional[Callable[[int, int], None]] = None) -> Result:
+def analyze(cfg: RunConfig, images: int = 64, eval_top: int = 5, progress: Optional[Callable[[int, int], None]] = None, metric: str = "kl") -> Result:
     """Rank the nodes of `cfg.model` by what keeping each in float saves (ONNX Runtime's quantizer with the run's
     ort options): divergence from FP32 on the first `images` evaluation images (never used to calibrate), top-1
     drop of the `eval_top` best on all evaluation images with pretrained weights; logged as one MLflow run."""
@@ -233,6 +245,8 @@ def analyze(cfg: RunConfig, images: int = 64, eval_top: int = 5, progress: Optio
 
     if cfg.backend != "ort":
         raise PtqError(f"sensitivity quantizes with ONNX Runtime's quantizer, so it takes backend=ort, not {cfg.backend}")
+    if metric not in METRICS:
+        raise PtqError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
     if images < 1 or eval_top < 0:
         raise PtqError(f"images={images} must be at least 1 and eval_top={eval_top} at least 0")
     cfg.validate()
@@ -245,7 +259,7 @@ def analyze(cfg: RunConfig, images: int = 64, eval_top: int = 5, progress: Optio
     split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)
     data.require_readable(dataset, split, dataset.readable, calibrate=True)
     tracking.select_store()
-    params = {**cfg.params(), "images": str(images), "eval_top": str(eval_top), "metric": "kl", "data_hash": dataset.content_hash}
+    params = {**cfg.params(), "images": str(images), "eval_top": str(eval_top), "metric": metric, "data_hash": dataset.content_hash}
     tags = {"ptq.kind": "sensitivity", "ptq.model_source": spec.source}
     with tempfile.TemporaryDirectory(prefix="ptq-sensitivity-") as tmp, tracking.run(cfg.experiment, f"{spec.name}-sensitivity", params, tags) as rec:
         fp32 = spec.onnx_path or pipeline.export_model(cfg.model, cfg.weights, Path(tmp) / "model_fp32.onnx")
@@ -263,7 +277,7 @@ def analyze(cfg: RunConfig, images: int = 64, eval_top: int = 5, progress: Optio
             return bench.evaluate(open_session(str(model), cfg.threads_used), tensors, eval_idx, labels, cfg.eval_batch_size, progress=False).top1
 
         calib = (tensors.batch(calib_idx[s : s + batch]) for s in range(0, len(calib_idx), batch))
-        ranking = rank(fp32, calib, heldout, options, run, top1 if cfg.weights == "pretrained" else None, eval_top, progress)
+        ranking = rank(fp32, calib, heldout, options, run, top1 if cfg.weights == "pretrained" else None, eval_top, progress, metric)
         rec.table(ranking.table(), "sensitivity.json")
         rec.metrics({"sensitivity/seconds": ranking.seconds, "sensitivity/images": ranking.images, "sensitivity/quantizations": ranking.quantizations,
                      "sensitivity/nodes": len(ranking.nodes), "sensitivity/whole_kl": ranking.whole.kl})

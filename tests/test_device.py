@@ -17,12 +17,14 @@ FIXTURES = Path(__file__).parent / "fixtures" / "jetson"
 
 
 BLOCKER = """
-import importlib.abc, sys
+import importlib.abc, importlib.util, sys
 class Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
             raise ModuleNotFoundError(f"No module named {name!r} (not installed on this device)", name=name)
 sys.meta_path.insert(0, Absent())
+found = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in BLOCKED else found(name, package)
 """
 
 

@@ -42,7 +42,9 @@ def small_cnn(path: Path, with_weights: bool = True) -> Path:
         nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"], name="pool"), helper.make_node("Flatten", ["p"], ["y"], name="flat")]
         inits, out = [], helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
     graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])], [out], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what opset 17 needs; onnx 1.2x writes newer IR versions than ONNX Runtime 1.19-1.23 read
+    onnx.save(model, str(path))
     return path
 
 
@@ -68,6 +70,9 @@ def test_nodes_are_ranked_by_the_kl_their_float_saves(tmp_path: Path) -> None:
     assert ranking.whole.kl > 0 and ranking.top(2) == [d.node for d in ranking.nodes[:2]]
     table = ranking.table()
     assert table["kept_in_float"] == [*(d.node for d in ranking.nodes), *(d.node for d in ranking.kinds), "none"]
+    assert table["kl_recovered"] == [float(f"{d.recovered:.4g}") for d in [*ranking.nodes, *ranking.kinds, ranking.whole]]
+    by_cosine = sensitivity.rank(model, iter(calib), heldout, quantize.QuantOptions(per_channel=False), run, metric="cosine")
+    assert [d.recovered for d in by_cosine.nodes] == sorted((ranking.whole.cosine - d.cosine for d in ranking.nodes), reverse=True)
     assert table["rank"][:4] == [1, 2, 3, 4] and table["top1_drop_pt"] == [None] * 9  # no labels, no drop
 
 
