@@ -100,6 +100,14 @@ def node_kinds(model: Path) -> Dict[str, str]:
     return kinds
 
 
+def require_weighted(model: Path) -> Dict[str, str]:
+    """`node_kinds(model)`, refusing a model without weighted nodes: nothing to quantize, nothing to rank or tune."""
+    kinds = node_kinds(model)
+    if not kinds:
+        raise PtqError(f"{model.name} has no Conv, Gemm or MatMul node: nothing to quantize, so no sensitivity to measure or configuration to tune")
+    return kinds
+
+
 def divergence(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float, float]:
     """(mean KL(softmax(reference) || softmax(logits)), mean cosine distance of the logits, top-1 agreement)."""
 
@@ -135,9 +143,7 @@ def rank(
     if metric not in METRICS:
         raise PtqError(f"unknown metric {metric!r}: use kl (class distributions; pretrained weights) or cosine (logits; random weights, whose near-uniform outputs leave KL near 0)")
     started = time.perf_counter()
-    kinds = node_kinds(fp32)
-    if not kinds:
-        raise PtqError(f"{fp32.name} has no Conv, Gemm or MatMul node: nothing to quantize, so no sensitivity to measure")
+    kinds = require_weighted(fp32)
     options = replace(options, keep_float=())
     with tempfile.TemporaryDirectory(prefix="ptq-sensitivity-") as tmp:
         work = Path(tmp)
@@ -254,6 +260,8 @@ def analyze(cfg: RunConfig, images: int = 64, eval_top: int = 5, progress: Optio
     if options.keep_float:
         raise PtqError("sensitivity measures every node: drop keep_float")
     spec = models.resolve(cfg.model, cfg.input_size, cfg.mean, cfg.std)
+    if spec.onnx_path is not None:
+        require_weighted(spec.onnx_path)
     assert cfg.data is not None
     dataset = data.scan(cfg.data)
     split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)

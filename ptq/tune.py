@@ -137,6 +137,10 @@ def search(base: RunConfig, budget: float, candidates: List[Candidate], exhausti
     for cfg in configs:
         cfg.validate()
     spec = models.resolve(base.model, base.input_size, base.mean, base.std)
+    if spec.onnx_path is not None:
+        from ptq.sensitivity import require_weighted
+
+        require_weighted(spec.onnx_path)
     trial_run = run_trial or (lambda cfg, tags, parent: pipeline.run(cfg, tags, parent))
     tracking.select_store()
     params = {**{k: v for k, v in base.params().items() if k in ("model", "data", "calib_size", "eval_size", "split_seed", "batch_size", "threads_used")},

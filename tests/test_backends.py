@@ -77,6 +77,7 @@ def test_unsupported_precision_or_dla_is_refused() -> None:
         (TensorRTOptions(int8_mode="fancy"), "unknown int8_mode"),
         (TensorRTOptions(dla_core=-2), "dla_core"),
         (TensorRTOptions(calib_method="magic"), "unknown calib_method"),
+        (TensorRTOptions(keep_float=("4",)), "backend=tensorrt keeps named nodes in float: give their ONNX names"),
     ],
 )
 def test_engine_options_are_validated(options: TensorRTOptions, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import onnx
 import pytest
@@ -109,10 +110,17 @@ def test_keep_float_k_keeps_the_k_nodes_the_ranking_puts_first(tmp_path: Path) -
     assert {n.name for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in float_weights} == set(kept)  # the rest read int8 weights
 
 
-def test_bad_inputs_fail_before_work(tmp_path: Path) -> None:
+def test_bad_inputs_fail_before_work(tmp_path: Path, small_dir: Path) -> None:
     empty = small_cnn(tmp_path / "pool.onnx", with_weights=False)
     with pytest.raises(PtqError, match="pool.onnx has no Conv, Gemm or MatMul node: nothing to quantize"):
         sensitivity.rank(empty, iter([]), np.zeros((1, 3, 16, 16), np.float32), quantize.QuantOptions(), run)
+    from ptq import tune
+    from ptq.config import RunConfig
+
+    for command in (lambda cfg: sensitivity.analyze(cfg), lambda cfg: tune.search(cfg, 0.3, tune.space(["minmax"], [True], ["uint8"], [0]))):
+        with pytest.raises(PtqError, match="pool.onnx has no Conv, Gemm or MatMul node"):
+            command(RunConfig(model=str(empty), data=small_dir))
+    assert mlflow.search_runs(search_all_experiments=True).empty  # refused before any run
     model = small_cnn(tmp_path / "small.onnx")
     with pytest.raises(PtqError, match="keep_float=9: small.onnx has 4 Conv/Gemm/MatMul nodes: keep between 1 and 4"):
         quantize.check_keep_float(model, ("9",))

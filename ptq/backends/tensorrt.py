@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -91,6 +91,7 @@ class TensorRTOptions:
     dla_core: int = option(-1, "Jetson DLA core for TensorRT (GPU fallback); -1 = GPU")
     timing_cache: Optional[Path] = option(None, "TensorRT timing cache file to reuse (default under $PTQ_CACHE_DIR)")
     calib_method: str = option("minmax", "minmax, entropy or percentile (percentile: explicit INT8 only)")
+    keep_float: Tuple[str, ...] = option((), "ONNX node names kept in fp16 in an INT8 engine, comma-separated (mixed precision)")
     calib_batch: int = option(8, "", user=False)
 
     def validate(self) -> None:
@@ -103,6 +104,8 @@ class TensorRTOptions:
             raise PtqError(f"dla_core={self.dla_core} must be -1 (GPU) or a DLA core index")
         if self.calib_method not in ("minmax", "entropy", "percentile"):
             raise PtqError(f"unknown calib_method {self.calib_method!r}: use minmax, entropy or percentile")
+        if len(self.keep_float) == 1 and self.keep_float[0].isdigit():
+            raise PtqError("backend=tensorrt keeps named nodes in float: give their ONNX names (`ptq sensitivity` ranks them), not a count")
 
 
 def check_capabilities(precision: str, options: TensorRTOptions, caps: Capabilities) -> None:
@@ -124,6 +127,11 @@ def numerics(precision: str, int8_mode: str, dla_core: int) -> str:
         "int8": f"int8 with fp16 fallback ({int8_mode} quantization, TF32 off)",
     }[precision]
     return text + (f" on DLA core {dla_core} with GPU fallback" if dla_core >= 0 else "")
+
+
+def kept_note(options: TensorRTOptions) -> str:
+    """What numerics() adds for nodes kept in float (fp16 in an INT8 engine)."""
+    return f"; {len(options.keep_float)} nodes kept in fp16" if options.keep_float else ""
 
 
 class CalibrationFeed:
@@ -259,6 +267,18 @@ def make_calibrator(method: str, feed: CalibrationFeed, cuda: Cuda, shape: tuple
     return Calibrator()
 
 
+def keep_layers_in_fp16(network: trt.INetworkDefinition, names: tuple[str, ...]) -> None:
+    """Constrain the layers the ONNX parser named after `names` (ONNX node names) to fp16; refuse names it has not."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    missing = set(names) - {layer.name for layer in layers}
+    if missing:
+        raise PtqError(f"keep_float names nodes TensorRT's network does not have: {', '.join(sorted(missing)[:5])}: use ONNX node names from `ptq sensitivity`")
+    for layer in layers:
+        if layer.name in names:
+            layer.precision = trt.float16
+            layer.set_output_type(0, trt.float16)
+
+
 def dims(d: trt.Dims) -> tuple[int, ...]:
     """A TensorRT Dims as a plain tuple."""
     return tuple(int(d[i]) for i in range(len(d)))
@@ -353,7 +373,9 @@ class TensorRTBackend(Backend):
                 from ptq import quantize
 
                 source = job.workdir / "model_int8_qdq.onnx"
-                qdq = quantize.QuantOptions(calib_method=opts.calib_method, activation_type="int8", weight_type="int8", symmetric_activations=True)
+                qdq = quantize.QuantOptions(
+                    calib_method=opts.calib_method, activation_type="int8", weight_type="int8", symmetric_activations=True, keep_float=opts.keep_float
+                )  # kept nodes get no Q/DQ, so TensorRT builds them in fp16
                 batches = job.calib_batches(opts.calib_batch)
                 quantize.to_int8(job.fp32_onnx, source, batches, qdq, job.phases, job.workdir / "calibration_ranges.json")
                 artifacts += [source, job.workdir / "calibration_ranges.json"]
@@ -369,7 +391,7 @@ class TensorRTBackend(Backend):
         artifacts.append(engine_path.with_suffix(".json"))
         mode = resolve_int8_mode(opts.int8_mode, str(trt.__version__)) if job.precision == "int8" else ""
         return Compressed(
-            engine_path, artifacts, handle=(source, job.precision, opts, job.batch_sizes, job.workdir), numerics=numerics(job.precision, mode, opts.dla_core)
+            engine_path, artifacts, handle=(source, job.precision, opts, job.batch_sizes, job.workdir), numerics=numerics(job.precision, mode, opts.dla_core) + kept_note(opts)
         )
 
     def build(
@@ -396,6 +418,9 @@ class TensorRTBackend(Backend):
             config.set_flag(trt.BuilderFlag.FP16)  # int8 engines fall back to fp16 where a layer has no int8 kernel
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
+            if feed is not None and options.keep_float:  # implicit INT8: the named layers are constrained to fp16
+                keep_layers_in_fp16(network, options.keep_float)
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
             if feed is not None:
                 config.int8_calibrator = make_calibrator(options.calib_method, feed, self.cuda, (feed.batch_size, *sample))
                 config.set_calibration_profile(profile)
