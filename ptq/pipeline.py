@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
     """Execute one run (a child of `parent_run_id` in a sweep) and return its MLflow run id. Bad input fails before the run starts."""
     cfg.validate()
@@ -103,6 +102,9 @@ def export_model(name: str, weights: str, out: Path) -> Path:
     if spec.build is None:
         raise PtqError(f"{name} is already an ONNX file: copy it to the device as it is")
     out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.manual_seed(0)  # weights=random: the same file every time
     export.to_onnx(spec.build(weights), spec.transform.crop, out)
     export.stamp(out, {"model": spec.name, **spec.transform.as_dict()})
     return out

@@ -366,8 +366,9 @@ def _model_folder(folder: Path, meta: Model, path: Path, model_type: str, files:
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # else MLflow loads the model in a subprocess to infer them
             onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False, **({"extra_files": [str(f) for f in files]} if extra else {}),
         )
-        for f in files if not extra else ():
-            shutil.copyfile(f, folder / f.name)
+        if not extra:  # MLflow 2: beside the model, as extra_files would put them
+            for f in files:
+                shutil.copyfile(f, folder / f.name)
         return
     folder.mkdir()
     for f in (path, *files):
