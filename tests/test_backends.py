@@ -148,3 +148,11 @@ def test_numerics_say_what_each_backend_really_computes() -> None:
     assert describe(QuantOptions(per_channel=False, calib_method="entropy", activation_type="int8", symmetric_activations=True)) == (
         "int8 QDQ: int8 per-tensor weights, int8 symmetric activations, entropy calibration"
     )
+
+
+def test_tensorrt_layer_times_become_a_profile() -> None:
+    """IProfiler reports (layer, ms) over 2 queries: mean µs per query per layer, op type from the fused node name."""
+    reports = [("/a/Conv + /a/Relu", 0.5), ("/b/MatMul", 0.1), ("Reformat 1", 0.02), ("/a/Conv + /a/Relu", 0.7), ("/b/MatMul", 0.1), ("Reformat 1", 0.04)]
+    prof = trt_backend.layer_profile(reports, 2, 3.0)
+    assert [(n.name, n.op_type, round(n.us, 6)) for n in prof.nodes] == [("/a/Conv + /a/Relu", "Conv", 600.0), ("/b/MatMul", "MatMul", 100.0), ("Reformat 1", "layer", 30.0)]
+    assert prof.queries == 2 and prof.run_us == 1500.0 and round(prof.total_us, 6) == 730.0

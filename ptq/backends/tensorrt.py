@@ -331,8 +331,29 @@ class TrtSession(Session):
         return out.copy()
 
 
+def layer_type(name: str) -> str:
+    """A TensorRT layer's op type for the profile: the last part of the first ONNX node name fused into it
+    ("/_blocks.0/_depthwise_conv/Conv + /_blocks.0/Relu" -> "Conv"), where the parser named it after one."""
+    first = name.split(" + ")[0]
+    return first.rsplit("/", 1)[-1] if "/" in first else "layer"
+
+
+def layer_profile(reports: list[tuple[str, float]], queries: int, run_ms: float) -> Any:
+    """TensorRT's IProfiler reports (layer name, ms) over `queries` runs taking `run_ms` in all, as a
+    `ptq.profile.OpProfile`: mean µs per query per layer, op types from `layer_type`."""
+    from ptq.profile import NodeTime, OpProfile
+
+    total: dict[str, float] = {}
+    for name, ms in reports:
+        total[name] = total.get(name, 0.0) + ms
+    nodes = [NodeTime(name, layer_type(name), 1000.0 * ms / queries, "TensorRT") for name, ms in total.items()]
+    return OpProfile(nodes, queries, 1000.0 * run_ms / queries, notes=["TensorRT IProfiler; op types from the layers' ONNX node names"])
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    profiles = True
+    PROFILE_QUERIES = 100
     Options = TensorRTOptions
 
     def __init__(self) -> None:
@@ -459,6 +480,30 @@ class TensorRTBackend(Backend):
             raise PtqError(f"TensorRT could not load {model.path.name}: rebuild it with this TensorRT version")
         max_batch = model.handle[3][1] if isinstance(model.handle, tuple) else dims(engine.get_tensor_profile_shape(engine.get_tensor_name(0), 0)[2])[0]
         return TrtSession(engine, self.cuda, max_batch)
+
+    def profile(self, model: Compressed, batch: np.ndarray, threads: int) -> Any:
+        """Per-layer times from TensorRT's IProfiler over PROFILE_QUERIES queries after a warm-up, each run's
+        report collected once the stream is done (enqueue does not emit it)."""
+        session = self.open(model, threads)
+        assert isinstance(session, TrtSession)
+        reports: list[tuple[str, float]] = []
+
+        class Collector(trt.IProfiler):  # type: ignore[misc]
+            def __init__(self) -> None:
+                trt.IProfiler.__init__(self)
+
+            def report_layer_time(self, layer_name: str, ms: float) -> None:
+                reports.append((layer_name, ms))
+
+        for _ in range(5):
+            session.run(batch)
+        session.context.profiler = Collector()
+        session.context.enqueue_emits_profile = False
+        started = time.perf_counter()
+        for _ in range(self.PROFILE_QUERIES):
+            session.run(batch)
+            session.context.report_to_profiler()
+        return layer_profile(reports, self.PROFILE_QUERIES, 1000.0 * (time.perf_counter() - started))
 
     def versions(self) -> dict[str, str]:
         require_tensorrt()
