@@ -259,8 +259,9 @@ def _log_profile(rec: tracking.Recorder, work: Path, precision: str, profiles: d
     rec.metrics({"profile/kernel_us": mine.total_us, **({"profile/fp32_kernel_us": ref.total_us} if ref is not None else {})})
     if precision == "int8" and compressed.path.suffix == ".onnx":
         islands = profile.float_islands(compressed.path, mine)
-        rec.text(json.dumps({"qdq": profile.qdq_overhead(mine), "float_islands": islands}, indent=1), "profile_int8.json")
-        rec.metrics({"profile/qdq_us": profile.qdq_overhead(mine)["qdq_us"], "profile/float_island_us": sum(r["us"] for r in islands)})
+        qdq = profile.qdq_overhead(mine)
+        rec.text(json.dumps({"qdq": qdq, "float_islands": islands}, indent=1), "profile_int8.json")
+        rec.metrics({"profile/qdq_us": qdq["qdq_us"], "profile/float_island_us": sum(r["us"] for r in islands)})
     if ref is not None and importlib.util.find_spec("matplotlib") is not None:
         rec.artifact(profile.plot(ref, mine, work / "profile.png"))
 

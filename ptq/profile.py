@@ -167,17 +167,6 @@ class OpProfile:
             cols["int8_nodes"].append(b["nodes"] if b else 0)
         return cols
 
-    def summary(self) -> Dict[str, Any]:
-        """The headline figures: kernel and run time per query, overhead, queries, threads, node count."""
-        return {
-            "total_us": self.total_us,
-            "run_us": self.run_us,
-            "overhead_us": self.overhead_us,
-            "queries": self.queries,
-            "threads": self.threads,
-            "nodes": len(self.nodes),
-        }
-
 
 def _first_type(shapes: Any) -> Optional[str]:
     """The element type of the first tensor in ORT's `input_type_shape`/`output_type_shape` ([{"float": [..]}, ...])."""

@@ -9,6 +9,7 @@ saved and whether it chose differently.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import logging
 import math
@@ -164,13 +165,11 @@ def search(base: RunConfig, budget: float, candidates: List[Candidate], exhausti
         pick = chosen or result.closest()
         rec.metrics({"tune/chosen_top1_drop_pt": pick.drop_pt, "tune/chosen_p50_ms": pick.p50_ms, "tune/chosen_speedup": pick.speedup})
         rec.tags({"tune.result": result.verdict(), "tune.chosen_run": pick.run_id, "tune.met_budget": str(chosen is not None).lower()})
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            rec.tags({"tune.plot": "none: matplotlib is not installed (pip install 'ptq[report]')"})
-        else:
+        if importlib.util.find_spec("matplotlib") is not None:  # as the run's and sensitivity's plots
             with tempfile.TemporaryDirectory(prefix="ptq-tune-") as tmp:
                 rec.artifact(plot(result, Path(tmp) / "pareto.png"))
+        else:
+            rec.tags({"tune.plot": "none: matplotlib is not installed (pip install 'ptq[report]')"})
         return result
 
 
