@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from ptq import pipeline
+from ptq import pipeline, tracking
 from ptq.backends import get_backend
 from ptq.backends import tensorrt as trt_backend
 from ptq.backends.tensorrt import CalibrationFeed, Capabilities, TensorRTOptions, check_capabilities, check_version, engine_mismatch, resolve_int8_mode
@@ -20,7 +20,7 @@ from ptq.phases import Phases
 HAS_TENSORRT = trt_backend.trt is not None and hasattr(trt_backend.trt, "Builder")
 
 
-def test_torch_backend_fp32_run(small_dir: Path) -> None:
+def test_torch_backend_fp32_run(small_dir: Path, tmp_path: Path) -> None:
     run_id = pipeline.run(
         RunConfig(model="lite0", backend="torch", precision="fp32", data=small_dir, calib_size=10, eval_size=64, min_queries=10, min_duration_s=0, blocks=2, warmup=2, monitor=False, progress=False)
     )
@@ -28,7 +28,8 @@ def test_torch_backend_fp32_run(small_dir: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.metrics["acc/top1"] > 0.7 and run.data.metrics["latency/p50_ms"] > 0
     assert run.data.tags["version.torch"] and run.data.tags["ptq.backend_device"]
-    assert "model/model_fp32.pt" in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model")}
+    models = tracking.download_models(run_id, tmp_path)  # the state dict as it is, a model of its own beside the FP32 ONNX
+    assert set(models) == {"fp32-onnx", "fp32-torch"} and (models["fp32-torch"] / "model_fp32.pt").is_file()
 
 
 def test_torch_backend_refuses_int8_before_work(small_dir: Path) -> None:
@@ -52,11 +53,11 @@ def test_int8_mode_follows_tensorrt_version() -> None:
     assert resolve_int8_mode("implicit", "10.3.0") == "implicit"
 
 
-def test_tensorrt_versions_outside_8_5_to_10_are_refused() -> None:
-    for ok in ("8.5.2.2", "8.6.2.3", "10.3.0", "10.13.0.35"):
+def test_tensorrt_versions_outside_8_5_to_11_are_refused() -> None:
+    for ok in ("8.5.2.2", "8.6.2.3", "10.3.0", "10.13.0.35", "11.0.0", "11.4.0.2"):  # 11: strongly typed builds
         check_version(ok)
-    for old_or_new in ("8.4.1.5", "7.1.3", "11.0.0"):
-        with pytest.raises(PtqError, match=f"TensorRT {old_or_new} is not supported.*8.5 to 10"):
+    for old_or_new in ("8.4.1.5", "7.1.3", "12.0.0"):
+        with pytest.raises(PtqError, match=f"TensorRT {old_or_new} is not supported.*8.5 to 11"):
             check_version(old_or_new)
 
 
@@ -117,16 +118,16 @@ def test_phase_carving_keeps_totals() -> None:
 
 @pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed on this machine (it needs an NVIDIA GPU)")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_tensorrt_end_to_end(small_dir: Path, precision: str) -> None:
+def test_tensorrt_end_to_end(small_dir: Path, precision: str, tmp_path: Path) -> None:
     run_id = pipeline.run(
         RunConfig(model="lite0", backend="tensorrt", precision=precision, data=small_dir, calib_size=64, eval_size=128, min_queries=50, min_duration_s=0, progress=False)
     )
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["compress/build_s"] > 0
     assert abs(run.data.metrics["acc/top1_drop_pt"]) < 3
-    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model")}
-    assert f"model/model_{precision}.engine" in arts and f"model/model_{precision}.json" in arts
-    meta = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/model/model_{precision}.json"))
+    engine = tracking.download_models(run_id, tmp_path)[f"{precision}-tensorrt"]  # the engine is a model of its own, with its metadata
+    assert (engine / f"model_{precision}.engine").is_file()
+    meta = json.loads((engine / f"model_{precision}.json").read_text())
     assert meta["tensorrt"] == run.data.tags["version.tensorrt"]
 
 

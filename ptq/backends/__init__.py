@@ -89,6 +89,8 @@ class CompressJob:
     workdir: Path
     batch_sizes: Tuple[int, int] = (1, 32)  # the latency batch and the largest (evaluation) batch
     threads: int = 0  # CPU threads the run's sessions use (0: the runtime's default)
+    qdq_onnx: Path | None = None  # a QDQ model made beforehand (`ptq quantize`): int8 runs it as it is, calibrating nothing
+    reference: bool = False  # the FP32 reference built beside the measured model (a DLA run builds it on the GPU)
 
 
 @dataclass
@@ -109,6 +111,10 @@ class Session(ABC):
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits (N, 1000) as float32 for a normalized float32 NCHW batch."""
+
+    def gpu_ms(self) -> list[float] | None:
+        """The device's own time (ms) of each `run` since the previous call, which clears them; None: no device clock."""
+        return None
 
 
 class Backend(ABC):
