@@ -63,6 +63,7 @@ class QuantOptions:
     calib_bins: int = option(2048, "Histogram bins of entropy/percentile calibration")
     keep_float: Tuple[str, ...] = option((), "ONNX node names kept in float, comma-separated, or a count k: the k that sensitivity ranks first (mixed precision)")
     symmetric_activations: bool = option(False, "", user=False)  # TensorRT's explicit quantization needs symmetric int8 activations
+    tensorrt_layout: bool = option(False, "", user=False)  # Q/DQ laid out for TensorRT (TENSORRT_EXTRA), see ptq.quantizers.for_tensorrt
     calib_batch: int = option(8, "", user=False)
 
     def keep_count(self) -> int | None:
@@ -218,6 +219,23 @@ def save_ranges(ranges: Any, path: Path) -> None:
     save_tensors_data(ranges, path)
 
 
+# NVIDIA ModelOpt's ONNX Runtime settings for TensorRT (modelopt/onnx/quantization/ort_utils.py, configure_ort's
+# trt_guided_options): no INT32 bias behind a DequantizeLinear (TensorRT dequantizes int8 only), float weights behind
+# Q -> DQ (TensorRT 8.x), per-channel weight scales on Conv's output axis, no quantized outputs of any op (so not the
+# logits), and Q/DQ before ops whose input is not quantized yet. ModelOpt also asks for symmetric activations.
+TENSORRT_EXTRA: dict[str, Any] = {
+    "QuantizeBias": False,
+    "AddQDQPairToWeight": True,
+    "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
+    "DedicatedQDQPair": False,
+    "ForceQuantizeNoInputCheck": True,
+}
+# Which inputs get Q/DQ: those of the weighted ops, residual adds and pools, as TensorRT's developer guide places them
+# ("Q/DQ Layer-Placement Recommendations"); activations (Relu, Clip, Sigmoid...) and data movement stay float, where
+# TensorRT fuses them into the quantized op before them. The outputs of every op stay float.
+TENSORRT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "AveragePool", "MaxPool", "GlobalAveragePool")
+
+
 def quantize_from_ranges(src: Path, dst: Path, ranges: Any, calib_cache: Path, options: QuantOptions, only: list[str] | None = None) -> None:
     """`quantize_static` from ranges computed beforehand (all nodes but `keep_float`, or `only` these), so calibration
     and quantization are timed apart. ONNX Runtime 1.27+ loads them from its calibration cache; older releases (the
@@ -226,6 +244,10 @@ def quantize_from_ranges(src: Path, dst: Path, ranges: Any, calib_cache: Path, o
     from onnxruntime.quantization import quantize_static
 
     kwargs: dict[str, Any] = {**ort_enums(options), "extra_options": {"ActivationSymmetric": options.symmetric_activations}}
+    if options.tensorrt_layout:
+        ops = sorted({n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node})
+        kwargs["extra_options"].update({**TENSORRT_EXTRA, "OpTypesToExcludeOutputQuantization": ops})
+        kwargs["op_types_to_quantize"] = list(TENSORRT_OPS)
     if options.keep_float:
         kwargs["nodes_to_exclude"] = list(options.keep_float)
     if only is not None:

@@ -47,6 +47,9 @@ class OrtBackend(Backend):
         if job.precision == "fp16":
             with job.phases("convert"):
                 return Compressed(quantize.to_fp16(job.fp32_onnx, out), numerics="fp16 weights and arithmetic, fp32 inputs and outputs")
+        if job.qdq_onnx is not None:  # quantized beforehand (`ptq quantize`): ONNX Runtime runs the QDQ graph as it is
+            shutil.copyfile(job.qdq_onnx, out)
+            return Compressed(out, numerics="int8 QDQ as quantized beforehand (numerics.qdq)")
         opts: quantize.QuantOptions = job.options
         tags: dict[str, str] = {}
         k = opts.keep_count()
