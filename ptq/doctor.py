@@ -101,47 +101,78 @@ def package_checks() -> List[Check]:
 
 TENSORRT_PROBE = """
 import json, tensorrt as trt
-out = {"version": trt.__version__}
+out = {"version": trt.__version__, "reached": []}
+try:
+    from ptq.backends.tensorrt import check_version
+    check_version(trt.__version__)
+except Exception as exc:
+    out["refused"] = str(exc)[:300]
 try:
     out["dla_cores"] = trt.Builder(trt.Logger(trt.Logger.ERROR)).num_DLA_cores
 except Exception as exc:
     out["dla_error"] = str(exc)[:200]
+errors = {}
 try:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
         from cuda import cudart
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0:
+        raise RuntimeError(f"cudaGetDeviceCount: {err}")
+    if count < 1:
+        raise RuntimeError("cudaGetDeviceCount: no CUDA device")
     err, props = cudart.cudaGetDeviceProperties(0)
-    out["gpu"] = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-except Exception:
-    try:
-        import pycuda.driver as drv
-        drv.init()
-        out["gpu"] = drv.Device(0).name()
-    except Exception as exc:
-        out["gpu_error"] = str(exc)[:200]
+    if int(err) != 0:
+        raise RuntimeError(f"cudaGetDeviceProperties: {err}")
+    out["gpu"] = props.name.decode(errors="replace").rstrip("\\x00") if isinstance(props.name, bytes) else str(props.name)
+    err, driver = cudart.cudaDriverGetVersion()
+    if int(err) == 0:
+        out["driver_cuda"] = f"{driver // 1000}.{driver % 1000 // 10}"
+    out["reached"].append("cuda-python")
+except ImportError:
+    pass
+except Exception as exc:
+    errors["cuda-python"] = str(exc)[:200]
+try:
+    import pycuda.driver as drv
+    drv.init()
+    if drv.Device.count() < 1:
+        raise RuntimeError("no CUDA device")
+    out.setdefault("gpu", drv.Device(0).name())
+    out["reached"].append("pycuda")
+except ImportError:
+    pass
+except Exception as exc:
+    errors["pycuda"] = f"{type(exc).__name__}: {exc}"[:200]
+out["errors"] = errors
 print(json.dumps(out))
 """
 
 
 def tensorrt_check() -> List[Check]:
-    """Can the tensorrt backend run: TensorRT imports (tried in a subprocess), its version, CUDA bindings for
-    buffers (pycuda or cuda-python), the GPU's name and its DLA cores."""
+    """Can the tensorrt backend run: TensorRT imports and its version is one `ptq run` accepts (the backend's own
+    check_version), and pycuda or cuda-python really reaches the driver (every call's error code checked), all
+    tried in a subprocess; the GPU's name, the driver's CUDA version and the DLA cores."""
     if not installed("tensorrt"):
         return [Check("backends", "tensorrt", ABSENT, "tensorrt is not installed (on a Jetson it comes with JetPack: "
                                                       "apt install python3-libnvinfer)")]
-    bindings = [m for m in ("pycuda", "cuda") if installed(m)]
     found, why = _subprocess_json(TENSORRT_PROBE, 60.0)
     if found is None and not _version(*PACKAGES["tensorrt"])[0] and _version("tensorrt-stubs")[0]:
         return [Check("backends", "tensorrt", ABSENT, "tensorrt is not installed (only its type stubs, tensorrt-stubs)")]
     if found is None:
         return [Check("backends", "tensorrt", ABSENT, f"tensorrt is installed but does not import: {why}")]
-    detail = f"TensorRT {found['version']}, GPU {found.get('gpu', 'unknown (' + found.get('gpu_error', '?') + ')')}"
+    if "refused" in found:
+        return [Check("backends", "tensorrt", WARN, found["refused"], "doctor.tensorrt")]
+    detail = f"TensorRT {found['version']}, GPU {found.get('gpu', 'unknown')}"
+    detail += f" (driver CUDA {found['driver_cuda']})" if "driver_cuda" in found else ""
     detail += f", {found['dla_cores']} DLA cores" if "dla_cores" in found else f", DLA unknown ({found.get('dla_error')})"
-    if not bindings:
-        return [Check("backends", "tensorrt", WARN, detail + "; no CUDA bindings (pip install cuda-python, or pycuda): "
-                                                           "the tensorrt backend cannot run", "doctor.tensorrt")]
-    return [Check("backends", "tensorrt", OK, detail + f"; CUDA bindings: {', '.join(bindings)}")]
+    failed = "; ".join(f"{name}: {err}" for name, err in found.get("errors", {}).items())
+    if not found.get("reached"):
+        hint = ("; CUDA bindings cannot reach the driver: " + failed) if failed else "; no CUDA bindings (pip install cuda-python, or pycuda)"
+        return [Check("backends", "tensorrt", WARN, detail + hint + ": the tensorrt backend cannot run (cuda-python's major.minor "
+                                                                    "must not exceed the driver's CUDA: 11.4 on JetPack 5)", "doctor.tensorrt")]
+    return [Check("backends", "tensorrt", OK, detail + f"; CUDA reached through {', '.join(found['reached'])}" + (f" ({failed})" if failed else ""))]
 
 
 def ort_check() -> List[Check]:

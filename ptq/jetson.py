@@ -15,17 +15,19 @@ rails, as jetson-stats' "Power TOT" is. The Monitor takes BOARD_POWER as the ene
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ptq.monitor import BOARD_POWER, GPU_FREQUENCY, GPU_UTIL, JETSON_CLOCKS, Source, jtop_metrics
 
-EMC_UTIL = "system/jetson_emc_utilization_percentage"  # the jtop mapping's name for jtop's "EMC"
+EMC_UTIL = "system/jetson_emc_utilization_percentage"  # tegrastats' "EMC_FREQ x%" (NVIDIA's own figure)
 EMC_FREQUENCY = "system/jetson_emc_frequency_megahertz"
 INPUT_RAILS = ("VIN", "POM_5V_IN", "VDD_IN")  # a board's input rail, jetson-stats' order (jtop/core/power.py)
 GPU_NAMES = ("gv11b", "gp10b", "ga10b", "gb10b", "gpu")  # devfreq of_node names of Jetson GPUs (jtop/core/gpu.py)
@@ -37,6 +39,8 @@ DEVFREQ = "sys/class/devfreq"
 THERMAL = "sys/class/thermal"
 CPUS = "sys/devices/system/cpu"
 EMC_RATE = "sys/kernel/debug/bpmp/debug/clk/emc/rate"  # Hz; debugfs, root only
+EMC_MAX_RATE = "sys/kernel/debug/bpmp/debug/clk/emc/max_rate"  # Hz; what jetson_clocks raises the rate to
+EMC_CAP = "sys/kernel/nvpmodel_emc_cap/emc_iso_cap"  # Hz; nvpmodel's cap on max_rate, 0 = none (jtop/core/memory.py)
 EMC_ACTIVITY = (  # jetson-stats' order (jtop/core/memory.py)
     "sys/kernel/debug/cactmon/mc_all",
     "sys/kernel/debug/bpmp/debug/actmon/mc_all_avg_activity",
@@ -48,9 +52,23 @@ MODEL = "proc/device-tree/model"
 L4T_RELEASE = "etc/nv_tegra_release"
 
 
+def read_text(path: Path) -> str:
+    """A board file's whole text; every way a read can fail is an OSError, so one unreadable file is one reason,
+    never a crash. A power-gated thermal zone fails its read with EAGAIN on JetPack 6 (kernel patch
+    "thermal: tegra-bpmp: Handle offline zones"); CPython's FileIO then returns None and `read_text()` raises
+    TypeError ("can't concat NoneType to bytes"), which this turns into OSError(EAGAIN). Undecodable bytes
+    (ValueError) become an OSError too."""
+    try:
+        return path.read_text()
+    except TypeError as exc:
+        raise OSError(errno.EAGAIN, "read failed with EAGAIN (sensor powered off)", str(path)) from exc
+    except ValueError as exc:
+        raise OSError(errno.EIO, f"not text: {exc}", str(path)) from exc
+
+
 def _text(path: Path) -> str:
     """A sysfs/procfs file's text without the trailing newline or device-tree NUL."""
-    return path.read_text().strip().strip("\x00").strip()
+    return read_text(path).strip().strip("\x00").strip()
 
 
 def _why(exc: BaseException) -> str:
@@ -200,22 +218,33 @@ def first_passive_trip(zone: Path) -> Optional[float]:
 
 
 def read_emc(root: Path = Path("/")) -> Dict[str, float]:
-    """EMC (memory controller) frequency in MHz and utilisation in %, each where readable (debugfs is root only).
-    Utilisation is jetson-stats' quotient: actmon activity / EMC rate in kHz."""
-    out: Dict[str, float] = {}
+    """EMC (memory controller) frequency in MHz where readable (debugfs is root only). No utilisation: the
+    public formulas for actmon's mc_all disagree 100-fold (jetson-stats jtop/core/memory.py: mc_all // rate_kHz;
+    MangoHud: mc_all / rate_MHz / 10) and no capture pairs mc_all with tegrastats' EMC_FREQ %, so its unit is
+    unverified; `emc_raw` gives both numbers to the field check (`ptq doctor --check`), which sets them beside
+    tegrastats' percentage."""
     try:
-        rate_khz = float(_text(root / EMC_RATE)) / 1e3
-        out[EMC_FREQUENCY] = rate_khz / 1e3
+        return {EMC_FREQUENCY: float(_text(root / EMC_RATE)) / 1e6}
     except (OSError, ValueError):
-        return out
+        return {}
+
+
+def emc_raw(root: Path = Path("/")) -> Dict[str, str]:
+    """The EMC rate (Hz) and actmon's mc_all exactly as the files say, or why each cannot be read."""
+    out = {}
+    for key, rel in (("rate_hz", EMC_RATE), ("max_rate_hz", EMC_MAX_RATE)):
+        try:
+            out[key] = _text(root / rel)
+        except OSError as exc:
+            out[key] = f"unreadable: {_why(exc)}"
     for rel in EMC_ACTIVITY:
         try:
-            activity = float(_text(root / rel))
-        except (OSError, ValueError):
+            out["mc_all"], out["mc_all_file"] = _text(root / rel), "/" + rel
+            break
+        except OSError:
             continue
-        if rate_khz > 0:
-            out[EMC_UTIL] = activity / rate_khz
-        break
+    else:
+        out["mc_all"] = "unreadable: none of " + ", ".join(EMC_ACTIVITY)
     return out
 
 
@@ -237,31 +266,53 @@ class PowerMode:
         return self.current_id == self.max_id
 
 
+POWER_MODEL_RE = re.compile(r"<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=(\S+)\s*>")
+
+
+def mode_rank(name: str, body: str) -> Tuple[int, int, int, float]:
+    """How fast a mode of nvpmodel.conf is, for `max()`: named MAXN* first; then the power budget its name
+    states (MODE_20W_6CORE -> 20, 15W -> 15); then the CPU cores its block brings online ("CPU_ONLINE CORE_n 1",
+    else the name's 6CORE); then its GPU MAX_FREQ (-1 = uncapped). jetson-stats (jtop/core/nvpmodel.py) only lists
+    the modes and PM_CONFIG DEFAULT and never ranks them; the default is not the fastest (Orin NX: 15W)."""
+    watts = re.search(r"(\d+)W(?=_|$)", name)
+    cores = len(re.findall(r"^\s*CPU_ONLINE\s+CORE_\d+\s+1\s*$", body, re.M))
+    named_cores = re.search(r"(\d+)CORE", name)
+    gpu = re.search(r"^\s*GPU\s+MAX_FREQ\s+(-?\d+)", body, re.M)
+    gpu_max = float("inf") if gpu is None or int(gpu.group(1)) < 0 else float(gpu.group(1))
+    return (int(name.upper().startswith("MAXN")), int(watts.group(1)) if watts else 0,
+            cores or (int(named_cores.group(1)) if named_cores else 0), gpu_max)
+
+
 def power_mode(root: Path = Path("/")) -> PowerMode:
     """The current nvpmodel mode: the id in /var/lib/nvpmodel/status (written by `nvpmodel -m`), else the conf's
     PM_CONFIG DEFAULT (what nvpmodel applies at boot when there is no status), else `nvpmodel -q` on the real
-    board. The fastest mode: the one named MAXN* (MAXN, MAXN_SUPER), else id 0 (Orin Nano's 15W before MAXN_SUPER)."""
+    board. The fastest mode: the highest `mode_rank` in /etc/nvpmodel.conf (Xavier NX has no MAXN: MODE_20W_6CORE),
+    the lowest id among equals."""
+    ranks: Dict[int, Tuple[int, int, int, float]] = {}
     modes: Dict[int, str] = {}
     default: Optional[int] = None
     why = ""
     try:
-        conf = (root / NVPMODEL_CONF).read_text()
-        modes = {int(i): n for i, n in re.findall(r"<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=(\S+)\s*>", conf)}
+        conf = read_text(root / NVPMODEL_CONF)
+        heads = list(POWER_MODEL_RE.finditer(conf))
+        for head, after in zip(heads, heads[1:] + [None]):
+            body = conf[head.end():after.start() if after is not None else len(conf)].split("<", 1)[0]
+            modes[int(head.group(1))] = head.group(2)
+            ranks[int(head.group(1))] = mode_rank(head.group(2), body)
         found = re.search(r"<\s*PM_CONFIG\s+DEFAULT=(\d+)\s*>", conf)
         default = int(found.group(1)) if found else None
     except OSError as exc:
         why = _why(exc)
     current: Optional[int] = None
     try:
-        found = re.search(r"pmode:(\d+)", (root / NVPMODEL_STATUS).read_text())
+        found = re.search(r"pmode:(\d+)", read_text(root / NVPMODEL_STATUS))
         current = int(found.group(1)) if found else None
     except OSError:
         current = default
     name = modes.get(current, "") if current is not None else ""
     if current is None and root == Path("/") and shutil.which("nvpmodel"):
         current, name = _nvpmodel_query()
-    maxn = sorted(i for i, n in modes.items() if n.upper().startswith("MAXN"))
-    max_id = maxn[0] if maxn else (0 if 0 in modes else None)
+    max_id = max(ranks, key=lambda i: (ranks[i], -i)) if ranks else None
     if current is None and not why:
         why = f"no {NVPMODEL_STATUS}, no PM_CONFIG DEFAULT, no nvpmodel"
     return PowerMode(current, name, max_id, modes.get(max_id, "") if max_id is not None else "", why)
@@ -280,10 +331,26 @@ def _nvpmodel_query() -> Tuple[Optional[int], str]:
     return None, ""
 
 
+def _emc_below_max(root: Path) -> Tuple[Optional[bool], str]:
+    """(whether the EMC runs below its maximum, why); None where debugfs cannot be read (root only). The maximum is
+    max_rate capped by nvpmodel's emc_iso_cap where that is set, as jetson-stats reads them (jtop/core/memory.py)."""
+    try:
+        rate, top = int(_text(root / EMC_RATE)), int(_text(root / EMC_MAX_RATE))
+    except (OSError, ValueError) as exc:
+        return None, f"EMC not checked ({_why(exc)}; debugfs is root only)"
+    try:
+        cap = int(_text(root / EMC_CAP))
+    except (OSError, ValueError):
+        cap = 0
+    top = cap if 0 < cap < top else top
+    return rate != top, f"EMC at {rate // 1000000} of {top // 1000000} MHz"
+
+
 def jetson_clocks_state(root: Path = Path("/")) -> Tuple[str, str]:
-    """("on" | "off" | "unknown", why), decided as jetson-stats does (jetson_clocks_alive): on when every online
-    CPU's scaling_min_freq equals its scaling_max_freq and the GPU's devfreq min_freq equals max_freq, which is
-    what jetson_clocks sets; off at the first clock that still scales."""
+    """("on" | "off" | "unknown", why), decided as jetson-stats does (jtop/core/jetson_clocks.py,
+    jetson_clocks_alive): on when every online CPU's scaling_min_freq equals its scaling_max_freq, the GPU's devfreq
+    min_freq equals max_freq and the EMC runs at its maximum rate, which is what jetson_clocks sets; off at the first
+    clock that still scales. Where debugfs is unreadable the EMC is skipped, as jetson-stats skips it, and said so."""
     checked = 0
     for cpufreq in sorted((root / CPUS).glob("cpu[0-9]*/cpufreq")):
         online = cpufreq.parent / "online"
@@ -307,13 +374,16 @@ def jetson_clocks_state(root: Path = Path("/")) -> Tuple[str, str]:
         checked += 1
     if not checked:
         return "unknown", f"no cpufreq under {root / CPUS} and no Jetson GPU devfreq"
-    return "on", "CPU and GPU minimum clocks equal their maximum"
+    below, emc = _emc_below_max(root)
+    if below:
+        return "off", emc
+    return "on", "CPU and GPU minimum clocks equal their maximum; " + emc
 
 
 def l4t_release(root: Path = Path("/")) -> str:
     """The L4T release from /etc/nv_tegra_release ('# R35 (release), REVISION: 4.1, ...' -> 'R35.4.1'), or ''."""
     try:
-        found = re.search(r"#\s*(R\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", (root / L4T_RELEASE).read_text())
+        found = re.search(r"#\s*(R\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", read_text(root / L4T_RELEASE))
     except OSError:
         return ""
     return f"{found.group(1)}.{found.group(2)}" if found else ""
@@ -362,10 +432,19 @@ def readable_sources(root: Path = Path("/")) -> List[Readable]:
     else:
         out += [_probe("GPU load", gpu.load), _probe("GPU frequency", gpu.devfreq / "cur_freq")]
     zones = find_thermal_zones(root)
-    out.append(Readable("thermal", bool(zones), ", ".join(zones) if zones else f"no thermal zones under {root / THERMAL}"))
+    offline = {}
+    for name, zone in zones.items():
+        try:
+            if read_celsius(zone) is None:
+                offline[name] = "reads -256 °C"
+        except (OSError, ValueError) as exc:
+            offline[name] = _why(exc)
+    detail = ", ".join(n for n in zones if n not in offline) or f"no thermal zones under {root / THERMAL}"
+    detail += "".join(f"; {n} offline ({why}), left out" for n, why in offline.items())
+    out.append(Readable("thermal", len(zones) > len(offline), detail))
     emc = read_emc(root)
-    out.append(Readable("EMC", EMC_UTIL in emc, "readable" if EMC_UTIL in emc else
-                        f"needs {root / EMC_RATE} (debugfs, root only) and an actmon mc_all file"))
+    out.append(Readable("EMC", bool(emc), f"{emc[EMC_FREQUENCY]:.0f} MHz (utilisation not read: unit unverified)"
+                        if emc else f"needs {root / EMC_RATE} (debugfs, root only)"))
     mode = power_mode(root)
     out.append(Readable("nvpmodel", mode.current_id is not None,
                         f"{mode.current_name} (id {mode.current_id})" if mode.current_id is not None else mode.why_unknown))
@@ -455,19 +534,20 @@ class JetsonSysfsSource(Source):
 # "cpu@52.968C/52.968C". GR3D_FREQ: "0%", "0%@1377", "12%@[1300,1300]" or, on Thor, "@[1000,1000]".
 RAIL_RE = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?:/\d+(?:mW)?)?(?=\s|$)")
 TEMP_RE = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)@(-?[\d.]+)C\b")
-GR3D_RE = re.compile(r"\bGR3D_FREQ (?:(\d+)%)?(?:@\[?(\d+))?")
+GR3D_RE = re.compile(r"\bGR3D_FREQ (?:(\d+)%)?(?:@\[?([\d,]+))?")
 EMC_RE = re.compile(r"\bEMC_FREQ (\d+)%(?:@(\d+))?")
 
 
 def parse_tegrastats(line: str) -> Dict[str, float]:
-    """One `tegrastats` line as series: GPU load and clock, EMC load and clock, temperatures (offline -256 °C
-    sensors and the PMIC's constant dropped), and power rails with the board total as in `power_series`."""
+    """One `tegrastats` line as series: GPU load and clock (the highest GPC clock where it lists several; a gated
+    GPC reads 0 where devfreq keeps its target), EMC load and clock, temperatures (offline -256 °C sensors and the
+    PMIC's constant dropped), and power rails with the board total as in `power_series`."""
     out: Dict[str, float] = {}
     gr3d = GR3D_RE.search(line)
     if gr3d and gr3d.group(1) is not None:
         out[GPU_UTIL] = float(gr3d.group(1))
-    if gr3d and gr3d.group(2) is not None:
-        out[GPU_FREQUENCY] = float(gr3d.group(2))
+    if gr3d and gr3d.group(2) is not None:  # per-GPC clocks: the fastest, as jetson-stats (jtop/core/tegra_parse.py)
+        out[GPU_FREQUENCY] = max(float(f) for f in gr3d.group(2).split(",") if f)
     emc = EMC_RE.search(line)
     if emc:
         out[EMC_UTIL] = float(emc.group(1))
@@ -491,6 +571,7 @@ class TegrastatsSource(Source):
         self.command = command
         self.first_line_timeout_s = first_line_timeout_s
         self.latest = ""
+        self.latest_at = 0.0  # time.monotonic() of the latest line
         self._got_line = threading.Event()
         self.proc: Optional[subprocess.Popen] = None
 
@@ -510,11 +591,18 @@ class TegrastatsSource(Source):
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.strip():
-                self.latest = line.strip()
+                self.latest, self.latest_at = line.strip(), time.monotonic()
                 self._got_line.set()
 
     def read(self) -> Dict[str, float]:
-        return parse_tegrastats(self.latest) if self.latest else {}
+        """The latest line's figures; raises once tegrastats has exited or fallen silent (no line for 4 intervals,
+        at least 2 s), so a dead tegrastats is never reported as its last line (the Monitor drops a failing source)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"tegrastats exited (status {self.proc.returncode})")
+        silent = time.monotonic() - self.latest_at
+        if silent > max(4 * self.interval_ms / 1e3, 2.0):
+            raise RuntimeError(f"tegrastats printed nothing for {silent:.1f} s")
+        return parse_tegrastats(self.latest)
 
     def close(self) -> None:
         if self.proc is None:

@@ -1,21 +1,25 @@
-"""Jetson monitoring without jtop: sysfs trees of an Orin NX and an AGX Xavier, tegrastats lines, the Monitor's energy."""
+"""Jetson monitoring without jtop: sysfs trees of real boards' layouts (JetPack 4 AGX Xavier, JetPack 5 Xavier NX,
+AGX Xavier and Orin NX, JetPack 6 Orin NX with a power-gated zone), tegrastats lines, jtop's names, the Monitor's energy."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
 import time
 from pathlib import Path
+from typing import Callable, Iterator, List
 
 import pytest
 
 from ptq import jetson
 from ptq.jetson import EMC_FREQUENCY, EMC_UTIL, JetsonSysfsSource, TegrastatsSource, parse_tegrastats, readable_sources
-from ptq.monitor import BOARD_POWER, GPU_FREQUENCY, GPU_TEMPERATURE, GPU_UTIL, JETSON_CLOCKS, Monitor
+from ptq.monitor import BOARD_POWER, GPU_FREQUENCY, GPU_TEMPERATURE, GPU_UTIL, JETSON_CLOCKS, Monitor, jtop_metrics
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "jetson"
-ORIN, XAVIER = FIXTURES / "orin", FIXTURES / "xavier"
+ORIN, XAVIER = FIXTURES / "orin", FIXTURES / "xavier"  # JetPack 5 Orin NX, JetPack 4 AGX Xavier (iio)
+ORIN_JP6, XAVIER_NX, AGX_XAVIER = FIXTURES / "orin_jp6", FIXTURES / "xavier_nx_jp5", FIXTURES / "agx_xavier_jp5"
 approx = pytest.approx
 
 pytestmark = pytest.mark.device
@@ -24,6 +28,80 @@ pytestmark = pytest.mark.device
 def copy_of(tree: Path, tmp_path: Path) -> Path:
     """A writable copy of a fixture tree."""
     return Path(shutil.copytree(tree, tmp_path / tree.name))
+
+
+@pytest.fixture
+def eagain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], List[Path]]]:
+    """Make the files a tree lists in its EAGAIN file fail their reads as a power-gated zone does on JetPack 6
+    (the kernel's read returns -EAGAIN: "thermal: tegra-bpmp: Handle offline zones"). Such a file cannot be stored,
+    so each is opened, through Path.open, as a FIFO with O_NONBLOCK that a writer holds open and nobody writes:
+    read(2) then fails with EAGAIN and CPython's own I/O stack answers exactly as on the board (FileIO.read returns
+    None, `Path.read_text()` raises TypeError "can't concat NoneType to bytes"; `readline()` returns '')."""
+    fifo = tmp_path / "eagain.fifo"
+    os.mkfifo(fifo)
+    keep_reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(fifo, os.O_WRONLY)  # a writer that never writes: reads wait for data (EAGAIN), never see EOF
+    real_open = Path.open
+
+    def gate(root: Path) -> List[Path]:
+        gated = [root / line.strip() for line in (root / "EAGAIN").read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+
+        def open_(self: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+            if self in gated:
+                return io.open(fifo, mode, opener=lambda path, flags: os.open(path, flags | os.O_NONBLOCK))
+            return real_open(self, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(Path, "open", open_)
+        return gated
+
+    yield gate
+    monkeypatch.undo()
+    os.close(writer)
+    os.close(keep_reader)
+
+
+def test_gated_read_fails_as_cpython_fails_on_the_board(eagain: Callable[[Path], List[Path]]) -> None:
+    [zone_temp] = eagain(ORIN_JP6)
+    with pytest.raises(TypeError, match="can't concat NoneType to bytes"):  # what crashed every JetPack 6 run
+        zone_temp.read_text()
+    with zone_temp.open() as f:
+        assert f.readline() == ""  # why jetson-stats, which reads with readline(), survives (and reports -256)
+    with pytest.raises(OSError, match="EAGAIN"):
+        jetson.read_text(zone_temp)
+    assert (ORIN_JP6 / "sys/class/thermal/thermal_zone0/temp").read_text() == "47250\n"  # other files read as usual
+
+
+def test_jetpack6_orin_gated_zone_is_left_out_and_the_rest_is_read(eagain: Callable[[Path], List[Path]]) -> None:
+    eagain(ORIN_JP6)
+    src = JetsonSysfsSource(ORIN_JP6)
+    src.open()
+    values = src.read()  # before: TypeError at the first sample, and the whole Jetson source dropped
+    assert {k: v for k, v in values.items() if "temperature" in k} == {
+        "system/temperature_cpu_celsius": 47.25, GPU_TEMPERATURE: 46.187,  # "gpu-thermal" under the GPU's name
+        "system/temperature_soc0_celsius": 45.5, "system/temperature_tj_celsius": 47.5,
+    }  # cv0 (gated) absent: neither a crash nor a fake value
+    assert values[BOARD_POWER] == approx(5040 * 880 / 1e6) and values[GPU_UTIL] == approx(12.3)
+    assert values[GPU_FREQUENCY] == 306.0  # the JetPack 6 GPU node 17000000.gpu (of_node "gpu")
+    assert src.gpu is not None and src.gpu.devfreq.name == "17000000.gpu"
+    assert src.tags()["device.l4t"] == "R36.3.0"
+    listing = {r.source: r for r in readable_sources(ORIN_JP6)}
+    assert listing["thermal"].ok and listing["thermal"].detail == (
+        "cpu, gpu, soc0, tj; cv0 offline (BlockingIOError: [Errno 11] read failed with EAGAIN (sensor powered off): "
+        f"'{ORIN_JP6}/sys/class/thermal/thermal_zone2/temp'), left out")
+
+
+def test_jtop_jetpack6_names_and_offline_sensors() -> None:
+    """jtop's stats on JetPack 6: zone "gpu-thermal" is "Temp gpu" (jtop/core/temperature.py takes the type's head),
+    a sensor it cannot read is -256 (TEMPERATURE_OFFLINE; a gated zone reads '' through readline)."""
+    stats = {"Temp cpu": 47.25, "Temp gpu": 46.187, "Temp cv0": -256, "Temp soc0": 45.5, "Temp nvme Composite": 38.85,
+             "GPU": 12.3, "EMC": 3, "Power TOT": 4435}
+    assert jtop_metrics(stats) == {
+        "system/temperature_cpu_celsius": 47.25, GPU_TEMPERATURE: 46.187,  # the sysfs reader's series names
+        "system/temperature_soc0_celsius": 45.5, "system/temperature_nvme_composite_celsius": 38.85,
+        GPU_UTIL: 12.3, BOARD_POWER: approx(4.435),
+    }  # no -256 °C; jtop's EMC quotient (unit unverified) is not logged
+    assert jtop_metrics({"Temp GPU": 41.25}) == {GPU_TEMPERATURE: 41.25}  # JetPack 5's name: the same series
 
 
 def test_tegrastats_xavier() -> None:
@@ -60,6 +138,68 @@ def test_tegrastats_orin() -> None:
     assert m[BOARD_POWER] == approx(2.390 + 0.796 + 3.522 + 0.301)
 
 
+def test_tegrastats_gpu_clock_is_the_fastest_gpc() -> None:
+    """GR3D_FREQ lists one clock per GPC on JetPack 7; a gated GPC reads 0. jetson-stats takes the max
+    (jtop/core/tegra_parse.py), which is what the devfreq target (sysfs, jtop's freq.cur) means."""
+    assert parse_tegrastats("GR3D_FREQ 12%@[0,1300]")[GPU_FREQUENCY] == 1300.0
+    assert parse_tegrastats("GR3D_FREQ @[1000,998,1000]") == {GPU_FREQUENCY: 1000.0}  # Thor: no load figure
+
+
+def test_tegrastats_datadog_agx_xavier_and_xavier_nx() -> None:
+    """Real lines from DataDog's agent tests (agXSample, xavierNxSample in jetson_test.go)."""
+    agx, nx = (FIXTURES / "tegrastats_xavier.txt").read_text().splitlines()[1:]
+    assert parse_tegrastats(agx) == {
+        GPU_UTIL: 0.0, GPU_FREQUENCY: 318.0, EMC_UTIL: 0.0, EMC_FREQUENCY: 665.0,
+        "system/temperature_ao_celsius": 37.5, GPU_TEMPERATURE: 37.5, "system/temperature_tdiode_celsius": 40.0,
+        "system/temperature_aux_celsius": 36.0, "system/temperature_cpu_celsius": 37.5,
+        "system/temperature_thermal_celsius": 36.9, "system/temperature_tboard_celsius": 37.0,
+        "system/power_gpu_watts": 0.0, "system/power_cpu_watts": approx(0.311), "system/power_soc_watts": approx(0.932),
+        "system/power_cv_watts": 0.0, "system/power_vddrq_watts": approx(0.621), "system/power_sys5v_watts": approx(1.482),
+        BOARD_POWER: approx(3.346),  # no input rail on AGX Xavier: the sum
+    }
+    m = parse_tegrastats(nx)
+    assert m[BOARD_POWER] == approx(4.067) and "system/power_vdd_in_watts" not in m  # VDD_IN is the total only
+    assert (m[GPU_UTIL], m[GPU_FREQUENCY], m[EMC_UTIL], m[EMC_FREQUENCY]) == (62.0, 306.0, 10.0, 1600.0)
+    assert m["system/power_vdd_cpu_gpu_cv_watts"] == approx(0.738) and m["system/power_vdd_soc_watts"] == approx(1.353)
+
+
+def test_xavier_nx_jetpack5_hwmon() -> None:
+    src = JetsonSysfsSource(XAVIER_NX)
+    src.open()
+    assert src.read() == {
+        BOARD_POWER: approx(4.067),  # VDD_IN at 7-0040: 4900 mV x 830 mA, as DataDog's line reads 4067 mW
+        "system/power_vdd_cpu_gpu_cv_watts": approx(0.738), "system/power_vdd_soc_watts": approx(1.353),
+        GPU_UTIL: 62.0, GPU_FREQUENCY: 306.0,
+        "system/temperature_ao_celsius": 41.5, GPU_TEMPERATURE: 43.0, "system/temperature_aux_celsius": 41.5,
+        "system/temperature_cpu_celsius": 43.5, "system/temperature_thermal_celsius": 42.55,  # PMIC-Die left out
+        JETSON_CLOCKS: 0.0,
+    }
+    assert src.tags()["device.nvpmodel"] == "MODE_20W_6CORE" and src.tags()["device.l4t"] == "R35.4.1"
+
+
+def test_agx_xavier_jetpack5_hwmon_two_devices() -> None:
+    src = JetsonSysfsSource(AGX_XAVIER)
+    src.open()
+    values = src.read()
+    assert {k: v for k, v in values.items() if k.startswith("system/power_")} == {
+        "system/power_gpu_watts": 0.0, "system/power_cpu_watts": approx(0.31), "system/power_soc_watts": approx(0.93),
+        "system/power_cv_watts": 0.0, "system/power_vddrq_watts": approx(0.62), "system/power_sys5v_watts": approx(1.48),
+        BOARD_POWER: approx(3.34),  # 1-0040 (GPU, CPU, SOC) + 1-0041 (CV, VDDRQ, SYS5V): no input rail, the sum
+    }
+    assert src.tags()["device.power_total"] == "sum of rails GPU+CPU+SOC+CV+VDDRQ+SYS5V (no board input rail)"
+    mode = jetson.power_mode(AGX_XAVIER)
+    assert (mode.current_name, mode.max_name, mode.is_max) == ("MODE_30W_ALL", "MAXN", False)
+
+
+def test_emc_utilisation_is_not_logged_from_sysfs() -> None:
+    """mc_all's unit is unverified (jetson-stats: mc_all // rate_kHz; MangoHud: 100x that): the frequency is
+    logged, the raw numbers go to the field check only."""
+    assert jetson.read_emc(ORIN) == {EMC_FREQUENCY: 2133.0}
+    assert jetson.emc_raw(ORIN) == {"rate_hz": "2133000000", "max_rate_hz": "3199000000", "mc_all": "6399000",
+                                    "mc_all_file": "/sys/kernel/actmon_avg_activity/mc_all"}
+    assert jetson.emc_raw(XAVIER)["rate_hz"].startswith("unreadable: FileNotFoundError")
+
+
 def test_orin_sysfs_reads_exact_values() -> None:
     src = JetsonSysfsSource(ORIN)
     src.open()
@@ -69,9 +209,9 @@ def test_orin_sysfs_reads_exact_values() -> None:
         "system/power_vdd_soc_watts": approx(5032 * 279 / 1e6),
         GPU_UTIL: approx(12.3),  # load 123 per mille
         GPU_FREQUENCY: 306.0,
-        "system/temperature_cpu_celsius": 47.25, GPU_TEMPERATURE: 46.187,  # "gpu-thermal" (JetPack 6 naming)
-        "system/temperature_soc0_celsius": 45.5, "system/temperature_tj_celsius": 47.5,  # cv0 reads -256: offline
-        EMC_FREQUENCY: 2133.0, EMC_UTIL: approx(3.0),
+        "system/temperature_cpu_celsius": 47.25, GPU_TEMPERATURE: 46.187,  # "GPU-therm" (JetPack 5 naming)
+        "system/temperature_soc0_celsius": 45.5, "system/temperature_tj_celsius": 47.5,  # CV0 reads -256: offline
+        EMC_FREQUENCY: 2133.0,  # and no utilisation: its unit is unverified
         JETSON_CLOCKS: 0.0,
     }
     assert src.tags() == {
@@ -139,14 +279,19 @@ def test_not_a_jetson(tmp_path: Path) -> None:
 
 
 def test_jetson_clocks_from_min_and_max(tmp_path: Path) -> None:
-    assert jetson.jetson_clocks_state(XAVIER) == ("on", "CPU and GPU minimum clocks equal their maximum")
+    assert jetson.jetson_clocks_state(XAVIER) == (
+        "on", "CPU and GPU minimum clocks equal their maximum; EMC not checked (FileNotFoundError: [Errno 2] No such "
+        f"file or directory: '{XAVIER}/sys/kernel/debug/bpmp/debug/clk/emc/rate'; debugfs is root only)")
     assert jetson.jetson_clocks_state(ORIN) == ("off", "cpu0 scales 729600..1984000 kHz")
     root = copy_of(ORIN, tmp_path)
     for c in (0, 1):  # CPUs locked, the GPU still scaling: not on
         (root / f"sys/devices/system/cpu/cpu{c}/cpufreq/scaling_min_freq").write_text("1984000\n")
     assert jetson.jetson_clocks_state(root) == ("off", "GPU ga10b scales 306..918 MHz")
     (root / "sys/class/devfreq/17000000.ga10b/min_freq").write_text("918000000\n")
-    assert jetson.jetson_clocks_state(root)[0] == "on"
+    assert jetson.jetson_clocks_state(root) == ("off", "EMC at 2133 of 3199 MHz")  # jetson_clocks also maxes the EMC
+    (root / "sys/kernel/nvpmodel_emc_cap").mkdir(parents=True)
+    (root / "sys/kernel/nvpmodel_emc_cap/emc_iso_cap").write_text("2133000000\n")  # nvpmodel caps it: at its max
+    assert jetson.jetson_clocks_state(root) == ("on", "CPU and GPU minimum clocks equal their maximum; EMC at 2133 of 2133 MHz")
     (root / "sys/devices/system/cpu/cpu1/online").write_text("0\n")  # an offline core does not count
     (root / "sys/devices/system/cpu/cpu1/cpufreq/scaling_min_freq").write_text("729600\n")
     assert jetson.jetson_clocks_state(root)[0] == "on"
@@ -165,8 +310,17 @@ def test_power_mode_max(tmp_path: Path) -> None:
     (tmp_path / "etc/nvpmodel.conf").write_text("< POWER_MODEL ID=0 NAME=15W >\n< POWER_MODEL ID=1 NAME=7W >\n")
     (tmp_path / "var/lib/nvpmodel").mkdir(parents=True)
     (tmp_path / "var/lib/nvpmodel/status").write_text("pmode:0001 fmode:quiet\n")
-    mode = jetson.power_mode(tmp_path)  # no MAXN at all: id 0 is the fastest
+    mode = jetson.power_mode(tmp_path)  # no MAXN at all: the highest power budget
     assert (mode.current_name, mode.max_name, mode.is_max) == ("7W", "15W", False)
+
+
+def test_xavier_nx_has_no_maxn_its_fastest_is_20w_6core(tmp_path: Path) -> None:
+    mode = jetson.power_mode(XAVIER_NX)  # before: id 0 (MODE_15W_2CORE) taken as the fastest
+    assert (mode.current_id, mode.current_name, mode.max_id, mode.max_name, mode.is_max) == (8, "MODE_20W_6CORE", 8, "MODE_20W_6CORE", True)
+    assert jetson.mode_rank("MODE_20W_4CORE", "") < jetson.mode_rank("MODE_20W_6CORE", "") < jetson.mode_rank("MAXN", "")
+    root = copy_of(XAVIER_NX, tmp_path)
+    (root / "var/lib/nvpmodel/status").write_text("pmode:0002 fmode:quiet\n")
+    assert jetson.power_mode(root).is_max is False  # MODE_15W_6CORE: a real warning
 
 
 def test_monitor_energy_per_phase_is_power_times_time() -> None:
@@ -199,7 +353,7 @@ def fake_tegrastats(tmp_path: Path, line: str) -> Path:
 
 
 def test_tegrastats_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    line = (FIXTURES / "tegrastats_xavier.txt").read_text().strip()
+    line = (FIXTURES / "tegrastats_xavier.txt").read_text().splitlines()[0]
     monkeypatch.setenv("PATH", f"{fake_tegrastats(tmp_path, line)}{os.pathsep}{os.environ['PATH']}")
     src = TegrastatsSource(interval_ms=50)
     src.open()
@@ -209,6 +363,26 @@ def test_tegrastats_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         src.close()
     assert proc is not None and proc.poll() is not None and src.proc is None  # the subprocess is gone
+
+
+def test_dead_tegrastats_stops_reporting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    line = (FIXTURES / "tegrastats_xavier.txt").read_text().splitlines()[2]
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    exe = folder / "tegrastats"
+    exe.write_text(f"#!/bin/sh\necho '{line}'\nsleep 0.3\nexit 3\n")  # one line, then it dies
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    src = TegrastatsSource(interval_ms=50)
+    src.open()
+    try:
+        assert src.read()[GPU_UTIL] == 62.0
+        assert src.proc is not None
+        src.proc.wait(timeout=5)
+        with pytest.raises(RuntimeError, match=r"tegrastats exited \(status 3\)"):
+            src.read()  # before: its last line, forever
+    finally:
+        src.close()
 
 
 def test_tegrastats_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
