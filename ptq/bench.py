@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Optional, Union
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,8 @@ from scipy import stats
 from ptq.backends import Session
 from ptq.data import Tensors
 from ptq.progress import track
+from ptq.worker import InProcess, Timer
+from ptq.worker import warm_up as warm_up
 
 
 @dataclass
@@ -41,6 +44,7 @@ def evaluate(
         logits = session.run(tensors.batch(indices[s : s + batch_size]))
         top5 = np.argpartition(-logits, 5, axis=1)[:, :5]  # the 5 best unordered, then ordered: no full sort
         preds.append(np.take_along_axis(top5, np.argsort(-np.take_along_axis(logits, top5, axis=1), axis=1), axis=1))
+    session.gpu_ms()  # evaluation's runs are no latency samples: a device clock's record starts afresh
     top5 = np.concatenate(preds)
     hit1 = top5[:, 0] == labels
     hit5 = (top5 == labels[:, None]).any(axis=1)
@@ -73,12 +77,14 @@ class LatencyMethod:
 
 @dataclass
 class Latency:
-    """One model's per-query latencies (ms) and the block each query ran in."""
+    """One model's per-query latencies (ms) and the block each query ran in; where the session has a device clock
+    (TensorRT), each query's GPU compute time (ms) too, aligned with `ms`."""
 
     ms: np.ndarray
     block: np.ndarray
     seconds: float  # wall time of its timed blocks
     batch_size: int
+    gpu_ms: Optional[np.ndarray] = None
 
     def percentiles(self) -> tuple[float, float, float]:
         """p50, p90, p99 over every timed query."""
@@ -101,13 +107,9 @@ class Latency:
             f"latency/{prefix}block_p50_spread_pct": self.block_p50_spread_pct(),
             f"throughput/{prefix}img_s": self.batch_size * len(self.ms) / self.seconds,
         }
+        if self.gpu_ms is not None:
+            out[f"latency/{prefix}gpu_compute_p50_ms"] = float(np.median(self.gpu_ms))
         return {k: v for k, v in out.items() if not np.isnan(v)}
-
-
-def warm_up(session: Session, batch: np.ndarray, queries: int) -> None:
-    """Untimed queries that let caches, allocators, JIT and clocks settle before timing."""
-    for _ in range(queries):
-        session.run(batch)
 
 
 Clock = Callable[[], float]
@@ -115,7 +117,7 @@ PhaseFactory = Callable[[str], ContextManager[None]]
 
 
 def time_blocks(
-    sessions: dict[str, Session],
+    sessions: Mapping[str, Union[Session, Timer]],
     batch: np.ndarray,
     method: LatencyMethod,
     phase: PhaseFactory | None = None,
@@ -123,29 +125,32 @@ def time_blocks(
 ) -> dict[str, Latency]:
     """Time the sessions in alternating blocks (A B A B ...) on the same batch, after warming each up, until
     every one has both `min_queries` queries and `min_duration_s` seconds in at least `blocks` blocks.
+    A session runs in this process, timed by `clock`; a `Timer` (a worker process) runs and times its own queries.
     `phase(name)` wraps each session's warm-up (`<name>warmup`) and blocks (`<name>latency`) for the monitor."""
     phase = phase or (lambda _name: nullcontext())
-    for name, session in sessions.items():
+    timers = {name: s if isinstance(s, Timer) else InProcess(s, batch, clock) for name, s in sessions.items()}
+    for name, timer in timers.items():
         with phase(f"{name}warmup"):
-            warm_up(session, batch, method.warmup)
+            timer.warm_up(method.warmup)
     q = method.block_queries
-    ms: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
-    seconds = dict.fromkeys(sessions, 0.0)
+    ms: dict[str, list[np.ndarray]] = {name: [] for name in timers}
+    gpu: dict[str, list[np.ndarray]] = {name: [] for name in timers}
+    seconds = dict.fromkeys(timers, 0.0)
     rounds = 0
     while rounds < method.blocks or min(seconds.values()) < method.min_duration_s:
-        for name, session in sessions.items():
-            samples = np.empty(q, dtype=np.float64)
+        for name, timer in timers.items():
             with phase(f"{name}latency"):
-                start = clock()
-                for i in range(q):
-                    t0 = clock()
-                    session.run(batch)
-                    samples[i] = clock() - t0
-                seconds[name] += clock() - start
-            ms[name].append(samples * 1e3)
+                block = timer.block(q)
+            seconds[name] += block.wall_s
+            ms[name].append(block.seconds * 1e3)
+            if block.gpu_ms is not None:
+                gpu[name].append(block.gpu_ms)
         rounds += 1
-    block = np.repeat(np.arange(rounds), q)
-    return {name: Latency(np.concatenate(ms[name]), block, seconds[name], len(batch)) for name in sessions}
+    blocks = np.repeat(np.arange(rounds), q)
+    return {
+        name: Latency(np.concatenate(ms[name]), blocks, seconds[name], len(batch), np.concatenate(gpu[name]) if len(gpu[name]) == rounds else None)
+        for name in timers
+    }
 
 
 def speedup_ci(reference: Latency, model: Latency, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:

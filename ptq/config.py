@@ -12,6 +12,7 @@ from ptq.backends import PRECISIONS, backend_class, option_params
 from ptq.bench import LatencyMethod
 from ptq.errors import PtqError
 from ptq.models import WEIGHTS
+from ptq.worker import LATENCY_PROCESSES, WORKER_BACKENDS
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RunConfig:
     min_queries: int = LatencyMethod.min_queries
     min_duration_s: float = LatencyMethod.min_duration_s
     blocks: int = LatencyMethod.blocks
+    latency_process: str = "inprocess"  # where latency is timed: inprocess, or a lean worker process per model (ptq.worker)
     options: Dict[str, str] = field(default_factory=dict)  # the backend's own options the user set (see backends)
     input_size: int | None = None  # for model=*.onnx
     mean: tuple[float, float, float] | None = None
@@ -72,6 +74,8 @@ class RunConfig:
         for name in ("warmup", "min_duration_s"):
             if getattr(self, name) < 0:
                 raise PtqError(f"{name}={getattr(self, name)} must be 0 or more")
+        if self.latency_process not in LATENCY_PROCESSES:
+            raise PtqError(f"unknown latency_process {self.latency_process!r}: use one of {', '.join(LATENCY_PROCESSES)}")
         if self.monitor_interval <= 0:
             raise PtqError(f"monitor_interval={self.monitor_interval} must be positive (seconds)")
         self.backend_options()
@@ -83,6 +87,12 @@ class RunConfig:
     def latency(self) -> LatencyMethod:
         """How latency is timed: warm-up, blocks, minimum queries and duration, at the latency batch size."""
         return LatencyMethod(self.warmup, self.min_queries, self.min_duration_s, self.blocks, self.batch_size)
+
+    @property
+    def latency_in_worker(self) -> bool:
+        """Whether latency is timed in worker processes: latency_process=worker, on a backend whose model a worker
+        opens from its files (torch's is a torch module: its runs are timed in-process)."""
+        return self.latency_process == "worker" and self.backend in WORKER_BACKENDS
 
     @property
     def threads_used(self) -> int:

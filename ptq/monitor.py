@@ -44,6 +44,8 @@ PROCESS_CPU = "system/ptq_process_cpu_percentage"  # ptq's process, % of the who
 PROCESS_RSS = "system/ptq_process_rss_megabytes"
 PROCESS_RSS_PEAK = "system/ptq_process_rss_peak_megabytes"  # the process's high-water mark since it started
 PROCESS_THREADS = "system/ptq_process_threads"
+WORKER_RSS = "system/ptq_{}worker_rss_megabytes"  # a latency worker process (ptq.worker): the measured model's (""), fp32_
+WORKER_CPU = "system/ptq_{}worker_cpu_percentage"  # the same worker's CPU, % of the whole machine like CPU
 PHASE_INDEX = "system/ptq_phase_index"  # the sample's phase, as its row in the phases table (Monitor.phase_rows)
 GPU_UTIL = "system/gpu_0_utilization_percentage"  # MLflow's
 GPU_MEMORY = "system/gpu_0_memory_usage_megabytes"  # MLflow's
@@ -220,14 +222,16 @@ class RaplSource(Source):
 
 
 # jetson-stats `jtop.stats` keys -> series names and scale. Rails and temperatures are named by the board
-# ("Power VDD_CPU_GPU_CV", "Temp GPU"), so those map by prefix. CPU cores, RAM and swap are left to psutil,
-# which reads the same kernel counters on a Jetson, so that each name has one writer.
+# ("Power VDD_CPU_GPU_CV", "Temp GPU" on JetPack 5, "Temp gpu" on JetPack 6), so those map by prefix, the GPU's
+# zone in any case to GPU_TEMPERATURE as the sysfs reader does (ptq.jetson.temperature_series). CPU cores, RAM and
+# swap are left to psutil, which reads the same kernel counters on a Jetson, so that each name has one writer.
+# jtop's "EMC" is left out: it is mc_all // EMC rate in kHz (jtop/core/memory.py), whose unit is unverified
+# (see ptq.jetson.read_emc).
 JTOP_FIELDS: dict[str, tuple[str, float]] = {
     "GPU": (GPU_UTIL, 1.0),
-    "Temp GPU": (GPU_TEMPERATURE, 1.0),
-    "EMC": ("system/jetson_emc_utilization_percentage", 1.0),
     "Power TOT": (BOARD_POWER, 1e-3),
 }
+JTOP_OFFLINE_CELSIUS = -256.0  # jtop's value for a sensor it cannot read (jtop/core/temperature.py TEMPERATURE_OFFLINE)
 JTOP_PREFIXES: dict[str, tuple[str, str, float]] = {
     "Power ": ("system/power_", POWER_SUFFIX, 1e-3),
     "Temp ": ("system/temperature_", "_celsius", 1.0),
@@ -236,7 +240,8 @@ JETSON_CLOCKS = "system/jetson_clocks_on"
 
 
 def jtop_metrics(stats: dict[str, Any]) -> dict[str, float]:
-    """Map one `jtop.stats` dictionary to series names; values that are not numbers ('OFF') are dropped."""
+    """Map one `jtop.stats` dictionary to series names; values that are not numbers ('OFF') and offline sensors
+    (-256 °C) are dropped."""
     out: dict[str, float] = {}
     for key, value in stats.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -245,9 +250,14 @@ def jtop_metrics(stats: dict[str, Any]) -> dict[str, float]:
             name, scale = JTOP_FIELDS[key]
             out[name] = value * scale
             continue
+        if key.startswith("Temp ") and value <= JTOP_OFFLINE_CELSIUS:
+            continue
+        if key.startswith("Temp ") and key[len("Temp "):].strip().lower() == "gpu":
+            out[GPU_TEMPERATURE] = float(value)
+            continue
         for prefix, (head, tail, scale) in JTOP_PREFIXES.items():
             if key.startswith(prefix):
-                out[f"{head}{key[len(prefix):].strip().lower()}{tail}"] = value * scale
+                out[f"{head}{key[len(prefix):].strip().lower().replace(' ', '_')}{tail}"] = value * scale
                 break
     if "jetson_clocks" in stats:
         out[JETSON_CLOCKS] = 1.0 if stats["jetson_clocks"] == "ON" else 0.0
@@ -368,6 +378,7 @@ class Monitor:
         self.samples: list[Sample] = []
         self.images: dict[str, int] = defaultdict(int)
         self.own_cpu_s = 0.0
+        self.workers: dict[str, psutil.Process] = {}
         self._phase = BETWEEN
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -395,6 +406,37 @@ class Monitor:
             if self._thread is not None:
                 self._sample()
             self._phase = phase or BETWEEN
+
+    def watch(self, workers: dict[str, int]) -> None:
+        """Sample these worker processes too (prefix of the model it serves -> pid) from now on, in place of those
+        watched before; `{}` stops. A sample is taken first, so the interval before belongs to the old set."""
+        with self._lock:
+            if self._thread is not None:
+                self._sample()
+            self.workers = {}
+            for prefix, pid in workers.items():
+                try:
+                    proc = psutil.Process(pid)
+                    proc.cpu_percent(None)  # the baseline of its first interval
+                except psutil.Error:  # gone already: the run reports why
+                    continue
+                self.workers[prefix] = proc
+
+    def _sample_workers(self, dt: float) -> dict[str, float]:
+        """Each watched worker's RSS and (over an interval long enough for CPU times) CPU; a vanished one drops out."""
+        out: dict[str, float] = {}
+        cores = psutil.cpu_count() or 1
+        for prefix, proc in list(self.workers.items()):
+            try:
+                with proc.oneshot():
+                    out[WORKER_RSS.format(prefix)] = proc.memory_info().rss / MB
+                    cpu = proc.cpu_percent(None) / cores
+            except psutil.Error:
+                del self.workers[prefix]
+                continue
+            if dt >= PsutilSource.MIN_RATE_INTERVAL_S:
+                out[WORKER_CPU.format(prefix)] = cpu
+        return out
 
     def count_images(self, phase: str, n: int) -> None:
         """Record how many images a phase processed, for energy per image."""
@@ -433,6 +475,8 @@ class Monitor:
                 log.warning("monitor source %s failed (%s); its metrics stop here", src.name, exc)
                 self.sources.remove(src)
                 self.absent[src.name] = f"failed mid-run: {exc}"[:200]
+        if self.workers:
+            sample.values.update(self._sample_workers(sample.dt))
         self._last = now
         self.samples.append(sample)
         self.own_cpu_s += time.thread_time() - cpu_start
@@ -449,30 +493,41 @@ class Monitor:
 
     def phase_rows(self) -> list[dict[str, Any]]:
         """One row per phase, in the order the run first entered them (`idle`: time between phases): its
-        figures over all its samples (see `figures`) and the images it processed."""
+        figures over all its samples (see `figures`, the memory increases over the levels just before the phase
+        first began) and the images it processed."""
         by_phase: dict[str, list[Sample]] = defaultdict(list)
         for s in self.samples:
             by_phase[s.phase].append(s)
-        return [{"phase": phase, **self.figures(rows, self.images.get(phase, 0))} for phase, rows in by_phase.items()]
+        return [{"phase": phase, **self.figures(rows, self.images.get(phase, 0), self.levels_before(rows[0]))} for phase, rows in by_phase.items()]
+
+    def levels_before(self, first: Sample) -> dict[str, float]:
+        """The levels read just before `first` began: the previous sample's (every phase boundary takes one), or
+        `first`'s own where it is the run's first sample."""
+        i = next(k for k, s in enumerate(self.samples) if s is first)
+        return self.samples[max(i - 1, 0)].values
 
     def phase_table(self) -> dict[str, list[Any]]:
         """`phase_rows` as columns for `Recorder.table`, every figure any phase has (None where a phase lacks it)."""
         rows = self.phase_rows()
-        return {c: [r.get(c) for r in rows] for c in ["phase", *self.figures(self.samples, 0)]}
+        return {c: [r.get(c) for r in rows] for c in ["phase", *self.figures(self.samples, 0, self.samples[0].values if self.samples else {})]}
 
     def headline(self, scope: str, phases: Iterable[str], names: Iterable[str]) -> dict[str, float]:
-        """The `figures` called `names` over the samples of `phases` taken together, as `<scope>/<name>`;
-        none where those phases have no samples or the figure was not measured."""
+        """The `figures` called `names` over the samples of `phases` taken together, as `<scope>/<name>` (memory
+        increases over the levels just before the first of them began); none where those phases have no samples
+        or the figure was not measured."""
         wanted = set(phases)
         rows = [s for s in self.samples if s.phase in wanted]
-        figures = self.figures(rows, sum(self.images.get(p, 0) for p in wanted)) if rows else {}
+        figures = self.figures(rows, sum(self.images.get(p, 0) for p in wanted), self.levels_before(rows[0])) if rows else {}
         return {f"{scope}/{name}": value for name in names if (value := figures.get(name)) is not None}
 
     @staticmethod
-    def figures(rows: list[Sample], images: int) -> dict[str, float | None]:
+    def figures(rows: list[Sample], images: int, before: dict[str, float] | None = None) -> dict[str, float | None]:
         """Duration, images, CPU (`cpu_pct`: the whole machine; `proc_cpu_pct`: ptq's process; both % of the whole
-        machine) mean and max, peak memory (MB), GPU, then mean power and energy per source (W, J), energy in all
-        (the board's total where measured, else the sum of the sources) and per image. Means are time-weighted;
+        machine) mean and max, peak memory (MB) and, given the levels `before` the rows began, its increase over
+        them (`*_delta_mb`: what the phase added, apart from what the process held already), the latency workers'
+        peak RSS and mean CPU (`worker_peak_rss_mb`, `worker_cpu_pct_mean`; `fp32_worker_*`), GPU, then mean power
+        and energy per source (W, J), energy in all (the board's total where measured, else the sum of the sources)
+        and per image. Means are time-weighted;
         a quantity no sample measured is absent."""
         keys = {k for r in rows for k in r.values}
 
@@ -487,9 +542,16 @@ class Monitor:
         for key, name in ((CPU, "cpu_pct"), (PROCESS_CPU, "proc_cpu_pct"), (GPU_UTIL, "gpu_util_pct")):
             if key in keys:
                 out[f"{name}_mean"], out[f"{name}_max"] = mean(key), peak(key)
-        for key, name in ((PROCESS_RSS, "peak_rss_mb"), (MEMORY, "peak_ram_used_mb"), (GPU_MEMORY, "peak_gpu_mem_mb")):
+        for key, name in ((PROCESS_RSS, "peak_rss"), (MEMORY, "peak_ram_used"), (GPU_MEMORY, "peak_gpu_mem")):
             if key in keys:
-                out[name] = peak(key)
+                out[f"{name}_mb"] = peak(key)
+                if before is not None and key in before:
+                    out[f"{name}_delta_mb"] = peak(key) - before[key]
+        for prefix in ("", "fp32_"):  # the latency workers, apart from ptq's process
+            if (rss := WORKER_RSS.format(prefix)) in keys:
+                out[f"{prefix}worker_peak_rss_mb"] = peak(rss)
+            if (cpu := WORKER_CPU.format(prefix)) in keys:
+                out[f"{prefix}worker_cpu_pct_mean"] = mean(cpu)
         energy: dict[str, float] = {}
         for key in sorted(k for k in keys if k.endswith(POWER_SUFFIX)):
             source = power_source(key)

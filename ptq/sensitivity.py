@@ -271,7 +271,7 @@ def analyze(cfg: RunConfig, images: int = 64, eval_top: int = 5, progress: Optio
     tags = {"ptq.kind": "sensitivity", "ptq.model_source": spec.source}
     with tempfile.TemporaryDirectory(prefix="ptq-sensitivity-") as tmp, tracking.run(cfg.experiment, f"{spec.name}-sensitivity", params, tags) as rec:
         fp32 = spec.onnx_path or pipeline.export_model(cfg.model, cfg.weights, Path(tmp) / "model_fp32.onnx")
-        tensors = data.load_tensors(dataset, spec.transform, progress=cfg.progress)
+        tensors = data.load_tensors(dataset, spec.transform, progress=cfg.progress, indices=split.calib + split.eval)
         calib_idx, eval_idx = data.usable(dataset, split, tensors, calibrate=True)
         heldout = tensors.batch(eval_idx[:images])
         labels = np.asarray([dataset.labels[i] for i in eval_idx])

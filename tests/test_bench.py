@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_top5_matches_a_full_sort_and_scores_top1_top5() -> None:
     logits = rng.normal(size=(n, 1000)).astype(np.float32)
     pixels = np.zeros((n, 3, 2, 2), np.uint8)
     pixels[:, 0, 0, 0] = np.arange(n)
-    tensors = Tensors(pixels, np.ones(n, bool), Transform(2, 2, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)), from_cache=False)
+    tensors = Tensors.of(pixels, np.ones(n, bool), Transform(2, 2, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)))
     expected = np.argsort(-logits, axis=1)[:, :5]
     labels = expected[:, 0].copy()
     labels[::2] = expected[::2, 3]  # half the images: right in the top-5 but not top-1
@@ -53,7 +54,7 @@ class FakeClock:
 class Timed(Session):
     """Takes `ms` (a number, or a function of how many queries it ran) of fake time per query; logs each call."""
 
-    def __init__(self, name: str, clock: FakeClock, ms: object, calls: list[str]) -> None:
+    def __init__(self, name: str, clock: FakeClock, ms: float | Callable[[int], float], calls: list[str]) -> None:
         self.name, self.clock, self.ms, self.calls, self.n = name, clock, ms, calls, 0
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -65,7 +66,7 @@ class Timed(Session):
 
 
 def test_blocks_alternate_after_warm_up_and_stop_at_count_and_duration() -> None:
-    clock, calls = FakeClock(), []
+    clock, calls = FakeClock(), []  # type: FakeClock, list[str]
     # warm-up queries are slow (1000 ms): if they leaked into the statistics, p99 would show it
     a = Timed("a", clock, lambda n: 1000.0 if n < 2 else 2.0, calls)
     b = Timed("b", clock, lambda n: 1000.0 if n < 2 else 5.0, calls)
@@ -86,7 +87,7 @@ def test_blocks_alternate_after_warm_up_and_stop_at_count_and_duration() -> None
 
 
 def test_phases_wrap_each_models_warm_up_and_blocks() -> None:
-    clock, calls, seen = FakeClock(), [], []
+    clock, calls, seen = FakeClock(), [], []  # type: FakeClock, list[str], list[str]
 
     @contextmanager
     def phase(name: str):  # type: ignore[no-untyped-def]
@@ -118,3 +119,50 @@ def test_latency_stability_flags_a_machine_that_changed_speed() -> None:
     flipped = bench.Latency(np.where(block < 2, 5.0, 7.5), block, 1.0, 1)  # fp32 went from 5 to 7.5 ms halfway
     assert _stability({"": steady, "fp32_": steady}) == "stable"
     assert _stability({"": steady, "fp32_": flipped}) == f"unstable: per-block p50 spread fp32 {flipped.block_p50_spread_pct():.1f} %"
+
+
+class DeviceClock(Session):
+    """A session with a device clock, as TrtSession's contract says (ptq/backends/tensorrt.py `gpu_ms`): each run
+    records its GPU time, `gpu_ms` returns those since the previous call and clears them. Query i of its life takes
+    `gpu[i]` ms on the device; a batch beyond `max_batch` runs in chunks, each recorded, as TrtSession does."""
+
+    def __init__(self, clock: FakeClock, gpu: list[float], max_batch: int = 8) -> None:
+        self.clock, self.gpu, self.max_batch, self.n = clock, gpu, max_batch, 0
+        self.recorded: list[float] = []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        chunks = -(-len(batch) // self.max_batch)
+        self.recorded += [self.gpu[self.n] / chunks] * chunks
+        self.clock.now += (self.gpu[self.n] + 1.0) / 1e3  # 1 ms of host copies beside the device time
+        self.n += 1
+        return np.zeros((len(batch), 1000), np.float32)
+
+    def gpu_ms(self) -> list[float] | None:
+        out, self.recorded = self.recorded, []
+        return out
+
+
+def test_gpu_times_follow_their_queries_leaving_out_warm_up_and_evaluation() -> None:
+    clock = FakeClock()
+    model = DeviceClock(clock, [100.0, 100.0] + [2.0, 3.0] * 4)  # 2 slow warm-up queries, then 8 timed
+    ref = DeviceClock(clock, [100.0, 100.0] + [6.0] * 8)
+    lat = bench.time_blocks({"": model, "fp32_": ref}, np.zeros((1, 3, 2, 2), np.float32), bench.LatencyMethod(2, 8, 0.0, 2), clock=clock)
+    mine = lat[""]
+    assert mine.gpu_ms is not None and list(mine.gpu_ms) == [2.0, 3.0] * 4 and list(mine.block) == [0] * 4 + [1] * 4
+    np.testing.assert_allclose(mine.ms, [3.0, 4.0] * 4)  # end to end: the copies are in it
+    assert mine.metrics()["latency/gpu_compute_p50_ms"] == 2.5
+    assert lat["fp32_"].metrics("fp32_")["latency/fp32_gpu_compute_p50_ms"] == 6.0
+    assert "latency/gpu_compute_p50_ms" not in bench.Latency(mine.ms, mine.block, 1.0, 1).metrics()  # no device clock: no figure
+    # evaluation's runs are cleared once it is done, so a session's record never grows outside timing
+    evaluated = DeviceClock(clock, [1.0] * 3)
+    pixels = np.zeros((3, 3, 2, 2), np.uint8)
+    tensors = Tensors.of(pixels, np.ones(3, bool), Transform(2, 2, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    bench.evaluate(evaluated, tensors, [0, 1, 2], np.zeros(3, int), batch_size=1, progress=False)
+    assert evaluated.recorded == []
+
+
+def test_a_query_run_in_chunks_sums_its_chunks_gpu_times() -> None:
+    clock = FakeClock()
+    session = DeviceClock(clock, [4.0, 6.0], max_batch=2)  # a batch of 4 runs as 2 chunks of 2
+    block = bench.time_blocks({"": session}, np.zeros((4, 3, 2, 2), np.float32), bench.LatencyMethod(0, 2, 0.0, 2), clock=clock)[""]
+    assert block.gpu_ms is not None and list(block.gpu_ms) == [4.0, 6.0]

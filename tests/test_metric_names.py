@@ -24,7 +24,7 @@ SCALARS = {
     "size/fp32_bytes", "size/model_bytes", "size/ratio", "model/params",
     "data/calib_images", "data/eval_images", "data/skipped_images",
     "compress/export_s", "compress/preprocess_s", "compress/calibrate_s", "compress/quantize_s", "compress/build_s", "compress/total_s",
-    "compress/peak_rss_mb", "compress/cpu_pct_mean",
+    "compress/peak_rss_mb", "compress/peak_rss_delta_mb", "compress/cpu_pct_mean",
     "latency/p50_ms", "latency/p90_ms", "latency/p99_ms", "latency/mean_ms", "latency/block_p50_spread_pct", "throughput/img_s",
     "latency/fp32_p50_ms", "latency/fp32_p90_ms", "latency/fp32_p99_ms", "latency/fp32_mean_ms", "latency/fp32_block_p50_spread_pct",
     "throughput/fp32_img_s", "latency/queries", "latency/blocks", "latency/seconds",
@@ -32,6 +32,7 @@ SCALARS = {
     "acc/top1", "acc/top5", "acc/fp32_top1", "acc/fp32_top5", "acc/top1_drop_pt", "acc/top5_drop_pt", "acc/top1_drop_p",
 }  # fmt: skip
 ENERGY = {"latency/energy_per_img_j", "evaluate/energy_per_img_j"}  # where a power source is on
+GPU_COMPUTE = {"latency/gpu_compute_p50_ms", "latency/fp32_gpu_compute_p50_ms", "speedup/gpu_compute_p50"}  # where sessions have a device clock (TensorRT)
 PHASES = {
     "export", "load_data", "preprocess", "calibrate", "quantize", "build", "fp32_build",
     "warmup", "fp32_warmup", "latency", "fp32_latency", "evaluate", "fp32_evaluate",
@@ -70,7 +71,7 @@ def run(lite0_run: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> mlflow.e
 def test_series_are_system_metrics_one_step_per_sample(run: mlflow.entities.Run) -> None:
     client = mlflow.MlflowClient()
     series = {k for k in run.data.metrics if k.startswith("system/")}
-    assert not set(run.data.metrics) - series - SCALARS - ENERGY  # nothing else: no sys/, proc/, gpu/, power/, phase/...
+    assert not set(run.data.metrics) - series - SCALARS - ENERGY - GPU_COMPUTE  # nothing else: no sys/, proc/, gpu/, power/, phase/...
     assert {MEMORY, PROCESS_RSS, PHASE_INDEX, "system/cpu_utilization_percentage", "system/cpu_0_utilization_percentage"} <= series
     assert not series & MLFLOW_ONLY  # MLflow's sampler starts only for runs opened with mlflow.start_run
     samples = int(run.data.tags["monitor.samples"])
@@ -103,7 +104,7 @@ def test_scalar_metrics_are_few_and_pinned(run: mlflow.entities.Run) -> None:
     scalars = {k for k in run.data.metrics if not k.startswith("system/")}
     power = any(run.data.tags.get(f"monitor.{source}", "").startswith("on") for source in ("nvml", "jetson", "rapl"))  # jetson: "on (jtop)"...
     assert scalars == SCALARS | (ENERGY if power else set())
-    assert len(SCALARS) <= 40 and not any(k.startswith("phase/") for k in run.data.metrics)
+    assert len(SCALARS) <= 41 and not any(k.startswith("phase/") for k in run.data.metrics)
 
 
 def test_report_reads_the_phases_table(run: mlflow.entities.Run, tmp_path: Path) -> None:

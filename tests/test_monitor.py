@@ -56,9 +56,8 @@ def test_jtop_mapping() -> None:
         "system/power_vdd_soc_watts": pytest.approx(1.181),
         "system/temperature_cpu_celsius": 42.0,
         "system/temperature_tj_celsius": 43.5,
-        "system/jetson_emc_utilization_percentage": 3,
         "system/jetson_clocks_on": 1.0,
-    }  # CPU cores, RAM and swap are psutil's (the same kernel counters); 'OFF' engines and the fan's PWM are not numbers to log
+    }  # EMC utilisation is not logged: its unit is unverified (jtop's mc_all/rate, MangoHud's 100x that); CPU cores, RAM and swap are psutil's (the same kernel counters); 'OFF' engines and the fan's PWM are not numbers to log
     assert jtop_tags(ORIN_STATS) == {"device.nvpmodel": "MAXN", "device.jetson_clocks": "ON"}
 
 
@@ -150,6 +149,44 @@ def test_every_phase_gets_its_own_figures_even_when_short() -> None:
     assert mon.headline("never", ("convert",), ("peak_rss_mb",)) == {}
 
 
+class ScriptedRss(Source):
+    """The process's RSS as a script of levels, one per read (the monitor reads at every phase boundary)."""
+
+    name = "scripted-rss"
+
+    def __init__(self, levels: list[float]) -> None:
+        self.levels = iter(levels)
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> dict[str, float]:
+        return {PROCESS_RSS: next(self.levels)}
+
+
+def test_memory_figures_come_with_their_increase_over_the_level_before() -> None:
+    """Issue 23: what a phase added, apart from what the process held already. With no tick in between, the
+    samples are: idle (until export) 100, export 180, idle 120, calibrate 300, idle (at stop) 110."""
+    phases = Phases()
+    mon = Monitor(3600.0, phases, [ScriptedRss([100.0, 180.0, 120.0, 300.0, 110.0])])
+    mon.start()
+    with phases("export"):
+        pass
+    with phases("calibrate"):
+        pass
+    mon.stop()
+    assert [(s.phase, s.values[PROCESS_RSS]) for s in mon.samples] == [("idle", 100.0), ("export", 180.0), ("idle", 120.0), ("calibrate", 300.0), ("idle", 110.0)]
+    rows = {r["phase"]: (r["peak_rss_mb"], r["peak_rss_delta_mb"]) for r in mon.phase_rows()}
+    assert rows == {"idle": (120.0, 20.0), "export": (180.0, 80.0), "calibrate": (300.0, 180.0)}  # idle: from the run's first reading
+    assert mon.headline("compress", ("export", "calibrate"), ("peak_rss_mb", "peak_rss_delta_mb")) == {
+        "compress/peak_rss_mb": 300.0, "compress/peak_rss_delta_mb": 200.0,  # over the 100 MB before export began
+    }  # fmt: skip
+    table = mon.phase_table()
+    columns = list(table)
+    assert columns[columns.index("peak_rss_mb") + 1] == "peak_rss_delta_mb"
+    assert table["peak_rss_delta_mb"] == [20.0, 80.0, 180.0]
+
+
 def test_cpu_rates_cover_each_interval_whichever_thread_samples() -> None:
     """Ticks come from the sampler thread and boundaries from the run's thread; psutil.cpu_percent keeps a
     baseline per thread, which made the first tick of a run read 0 % and later ones span the wrong interval."""
@@ -222,7 +259,7 @@ def test_logs_series_table_headline_and_artifacts(tmp_path: Path) -> None:
     assert [m.value for m in index] == [float(rows.index(s.phase)) for s in mon.samples]
     data = client.get_run(run.info.run_id).data
     assert set(data.metrics) - {k for k in data.metrics if k.startswith("system/")} == {
-        "compress/peak_rss_mb", "compress/cpu_pct_mean", "latency/energy_per_img_j",
+        "compress/peak_rss_mb", "compress/peak_rss_delta_mb", "compress/cpu_pct_mean", "latency/energy_per_img_j",
     }
     assert data.metrics["latency/energy_per_img_j"] == pytest.approx(10.0 * phases.seconds["latency"] / 8, rel=0.2)
     assert data.tags["monitor.samples"] == str(len(mon.samples)) and float(data.tags["monitor.own_cpu_pct_of_one_core"]) >= 0
