@@ -25,6 +25,8 @@ import mlflow
 import numpy as np
 import onnxruntime as ort
 
+from ptq import tracking
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PTQ_DATA", ROOT.parent / "shared" / "data" / "imagenet-sample-1k"))
 WARMUP, ROUNDS, BLOCK = 20, 20, 100
@@ -71,8 +73,8 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(out.stderr[-2000:])
         run = mlflow.search_runs(experiment_names=["ptq"], order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
-        folder = Path(mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="model", dst_path=str(store / run.run_id)))
-        bare = bare_speedup(str(folder / "model_fp32.onnx"), str(folder / f"model_{args.precision}.onnx"), int(run["params.threads_used"]))
+        models = tracking.download_models(run.run_id, store / run.run_id)
+        bare = bare_speedup(str(models["fp32-onnx"] / "model.onnx"), str(models[f"{args.precision}-onnx"] / "model.onnx"), int(run["params.threads_used"]))
         s, low, high = (run[f"metrics.speedup/p50{k}"] for k in ("", "_ci95_low", "_ci95_high"))
         speedups.append(s)
         print(f"{run.run_id:<34} {s:>9.3f} [{low:.3f}, {high:.3f}] {run['metrics.latency/block_p50_spread_pct']:>15.2f} {bare:>14.3f} {s / bare:>11.3f}", flush=True)

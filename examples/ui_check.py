@@ -1,9 +1,10 @@
 """Look at a run the way a researcher does: serve the store with `mlflow server`, open the run in headless
-Chromium and check that its first screen shows the headline, its System metrics tab has charts and its models
-are listed; screenshots of each go to OUT.
+Chromium and check that its experiment's runs table names it, its first screen shows the headline and its
+logged models, its System metrics tab has charts and the experiment's Models page lists its models;
+screenshots of each go to OUT.
 
 Usage: python examples/ui_check.py [RUN_ID] [--out ui-check]   (store: MLFLOW_TRACKING_URI, default the local
-mlflow.db; run: the newest FINISHED run in experiment ptq). Needs Debian's chromium (/usr/bin/chromium or
+mlflow.db; run: the newest FINISHED study run in any experiment). Needs Debian's chromium (/usr/bin/chromium or
 $CHROMIUM) and `pip install playwright` (it drives that browser; no browser download).
 """
 
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import mlflow
@@ -49,8 +50,15 @@ def served(store: str, log: Path) -> Iterator[str]:
         proc.wait(timeout=60)
 
 
+# MLflow 3.17's UI shows an experiment as GenAI or "Model training" by its own switch (default GenAI, remembered
+# per browser) or this URL parameter, not by the experiment's mlflow.experimentKind tag
+MODEL_TRAINING = "?workflowType=machine_learning"
+
+
 def check(run_id: str, out: Path) -> dict[str, object]:
-    """Open the run's overview, System metrics tab and logged models; return what was seen, screenshots in `out`."""
+    """Open the experiment's runs table, the run's overview and System metrics tab and the experiment's models;
+    return what was seen, screenshots in `out`."""
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
@@ -59,24 +67,25 @@ def check(run_id: str, out: Path) -> dict[str, object]:
     with served(mlflow.get_tracking_uri(), out / "server.log") as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        url = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-        page.goto(url)
+        page.goto(f"{base}/#/experiments/{run.info.experiment_id}/runs{MODEL_TRAINING}")
+        with suppress(PlaywrightError):
+            page.get_by_text(run.info.run_name, exact=True).first.wait_for(timeout=60000)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(out / "runs_table.png"))
+        seen["runs_table"] = page.get_by_text(run.info.run_name, exact=True).count() > 0
+        page.goto(f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}{MODEL_TRAINING}")
         page.get_by_role("tab", name="Overview").wait_for(timeout=60000)
-        if page.get_by_text("Model training", exact=True).count():  # MLflow 3 opens in its GenAI view, which hides logged models
-            page.get_by_text("Model training", exact=True).first.click()
-            page.wait_for_timeout(1000)
-            page.goto(url)
-            page.get_by_role("tab", name="Overview").wait_for(timeout=60000)
         page.wait_for_timeout(3000)
         page.screenshot(path=str(out / "overview.png"), full_page=True)
         seen["description"] = page.get_by_text("speed-up over fp32 (p50)").count() > 0
         names = ("fp32-onnx", f"{run.data.params.get('precision', '')}-")
+        page.get_by_text("Logged models").first.scroll_into_view_if_needed()  # a table below the run's parameters
         seen["logged_models"] = [n for n in names if page.get_by_text(n).count() > 0]
         page.get_by_role("tab", name="System metrics").click()
         page.wait_for_timeout(5000)
         page.screenshot(path=str(out / "system_metrics.png"), full_page=True)
         seen["system_charts"] = page.locator(".js-plotly-plot, canvas, svg.main-svg").count()
-        page.goto(f"{base}/#/experiments/{run.info.experiment_id}/models")
+        page.goto(f"{base}/#/experiments/{run.info.experiment_id}/models{MODEL_TRAINING}")
         page.wait_for_timeout(5000)
         page.screenshot(path=str(out / "logged_models.png"), full_page=True)
         seen["models_page"] = [n for n in names if page.get_by_text(n).count() > 0]
@@ -91,16 +100,20 @@ def main() -> None:
     args = parser.parse_args()
     run_id = args.run_id
     if not run_id:
-        runs = mlflow.search_runs(experiment_names=["ptq"], filter_string="attributes.status = 'FINISHED' and params.precision != ''",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+        for column in ("params.precision", "tags.ptq.kind"):
+            if column not in runs:
+                runs[column] = None
+        # a study run: a precision measured, not a report (`mlflow run -e report` logs precision=''), tune or sensitivity run
+        runs = runs[runs["params.precision"].isin(["fp32", "fp16", "int8"]) & runs["tags.ptq.kind"].isna()]
         if runs.empty:
-            sys.exit("no finished run in experiment ptq: run the README's main command first")
+            sys.exit("no finished ptq run in any experiment: run the README's main command first")
         run_id = runs.iloc[0].run_id
     seen = check(run_id, args.out)
     for key, value in seen.items():
         print(f"{key}: {value}")
-    print(f"screenshots: {args.out}/overview.png, {args.out}/system_metrics.png, {args.out}/logged_models.png")
-    ok = seen["description"] and seen["system_charts"] and len(seen["models_page"]) == 2  # type: ignore[arg-type]
+    print(f"screenshots: {args.out}/runs_table.png, {args.out}/overview.png, {args.out}/system_metrics.png, {args.out}/logged_models.png")
+    ok = seen["runs_table"] and seen["description"] and seen["system_charts"] and len(seen["models_page"]) == 2  # type: ignore[arg-type]
     sys.exit(0 if ok else 1)
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -71,6 +71,7 @@ COLUMNS: dict[str, str | tuple[str, str]] = {
 NOT_CONFIGURATION = {
     "data", "data_images", "experiment", "timing_cache", "progress", "monitor", "monitor_interval",
     "warmup", "min_queries", "min_duration_s", "blocks", "iters", "threads",
+    "data_used_hash",  # follows from data_hash, calib_size, eval_size and split_seed, which are keys
 }  # fmt: skip
 CALIBRATION = "calib_method"
 _INT8 = {"precision": {"int8"}}
@@ -95,19 +96,15 @@ ONLY_WHERE: dict[str, dict[str, set[str]]] = {
 
 
 def load_runs(experiments: list[str], device: str = "", model: str = "", precision: str = "") -> pd.DataFrame:
-    """Finished runs of the experiments (sweep parents excluded), newest first, filtered by model, precision and
-    device (its name or host name)."""
+    """Finished study runs (not sweep parents, reports, tune or sensitivity runs) of the experiments named, or of every
+    experiment where none is, newest first, filtered by model, precision and device (its name or host name); column
+    `experiment` names the experiment of each."""
     tracking.check_reachable()
     clauses = ["attributes.status = 'FINISHED'"]
     for column, value in (("params.model", model), ("params.precision", precision)):
         if value:
             clauses.append(f"{column} = '{value}'")
-    missing = [e for e in experiments if mlflow.get_experiment_by_name(e) is None]
-    if missing:
-        raise PtqError(f"no experiment named {', '.join(missing)}: check --experiments (runs go to 'ptq' by default)")
-    runs = mlflow.search_runs(experiment_names=experiments, filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"])
-    if isinstance(runs, list):  # search_runs returns a DataFrame unless asked otherwise
-        runs = pd.DataFrame()
+    runs = tracking.search_study_runs(experiments, " and ".join(clauses))
     if len(runs):
         # study runs only: a report's own run (under `mlflow run -e report` it logs model/precision filters as
         # params, maybe empty) and a sweep's parent have no precision ptq measured
@@ -122,8 +119,15 @@ def load_runs(experiments: list[str], device: str = "", model: str = "", precisi
         runs = runs[keep]
     if runs.empty:
         what = ", ".join(f"{k}={v}" for k, v in (("device", device), ("model", model), ("precision", precision)) if v) or "no filter"
-        raise PtqError(f"no finished runs in {', '.join(experiments)} match ({what}): run `ptq run` or `ptq sweep` first, or loosen the filter")
+        where = ", ".join(experiments) if experiments else "any experiment"
+        raise PtqError(f"no finished runs in {where} match ({what}): run `ptq run` or `ptq sweep` first, or loosen the filter")
     return runs
+
+
+def experiments_read(runs: pd.DataFrame) -> str:
+    """Which experiments the runs came from, most runs first: `ptq (3 runs), Default (1 run)`."""
+    counts = sorted(runs["experiment"].value_counts().items(), key=lambda c: (-c[1], c[0]))
+    return ", ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in counts)
 
 
 def configuration(runs: pd.DataFrame) -> pd.DataFrame:
@@ -188,7 +192,7 @@ def _artifact_table(run_id: str, path: str, folder: Path) -> pd.DataFrame | None
     local = folder / run_id / path
     try:
         if not local.is_file():  # a file artifact lands in dst_path under its base name
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(local.parent))
+            tracking.download_artifact(run_id, path, local.parent)
         return pd.read_json(local, orient="split") if local.suffix == ".json" else pd.read_csv(local)
     except Exception:  # older runs, random weights, monitor off, failed uploads: a gap, not a crash
         return None
@@ -201,6 +205,7 @@ class Report:
     folder: Path
     table: pd.DataFrame
     files: list[Path] = field(default_factory=list)
+    experiments: str = ""  # which experiments the runs came from (experiments_read)
 
 
 def add_phase_figures(table: pd.DataFrame, work: Path) -> pd.DataFrame:
@@ -306,13 +311,15 @@ def _fmt(v: object, digits: int = 2) -> str:
     return str(v)
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """A summary an analyst can paste into a paper: one row per configuration, then the devices it ran on."""
+def markdown(table: pd.DataFrame, experiments: str = "") -> str:
+    """A summary an analyst can paste into a paper: one row per configuration, then the devices it ran on;
+    `experiments` says where the runs came from."""
     config = config_columns(table)
     names = ["calibration" if c == CALIBRATION else c for c in config]
     lines = [
         "# ptq report",
         "",
+        *([f"Runs read from experiments: {experiments}.", ""] if experiments else []),
         f"{len(table)} configurations from {table['device'].nunique()} device(s): one row per device, model, precision, backend "
         "and every run parameter that differs among the runs (the newest run of each). Drops are FP32 minus compressed top-1 "
         "on the same images (McNemar's exact test on the paired predictions); speed-ups are p50 FP32 / p50 compressed, timed "
@@ -359,24 +366,39 @@ def profile_section(table: pd.DataFrame, work: Path, top: int = 6) -> str:
     return "\n## Per-op profiles (kernel µs per query, FP32 → compressed)\n\n" + "\n".join(lines) + "\n"
 
 
+def check_out(out: Path) -> None:
+    """The report's folder must be a folder, or one that can be made, that this user can write: one line naming the
+    problem, before any work (nothing is left created here)."""
+    if out.exists() and not out.is_dir():
+        raise PtqError(f"--out {out} is a file: name a folder for the report (it is created if missing)")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PtqError(f"--out {out} is inside {existing}, which is a file: name a folder for the report")
+    try:  # what the folder's mode says is not enough: root, read-only mounts, /proc
+        os.rmdir(tempfile.mkdtemp(prefix=".ptq-write-check-", dir=existing))
+    except OSError as exc:
+        raise PtqError(f"--out {out} cannot be written (making a folder in {existing}: {exc.strerror}): name a folder you can write") from None
+
+
 def build(experiments: list[str], out: Path, device: str = "", model: str = "", precision: str = "", log_run: bool = True) -> Report:
-    """Pull runs, compute the study's tables and statistics, write files to `out` and log them as a report run."""
+    """Pull runs (of every experiment that holds ptq runs where `experiments` is empty), compute the study's tables
+    and statistics, write files to `out` and log them as a report run."""
+    check_out(out)
     runs = load_runs(experiments, device, model, precision)
-    out.mkdir(parents=True, exist_ok=True)
+    where = experiments_read(runs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # what access() could not foresee (a full disk, a race)
+        raise PtqError(f"--out {out} cannot be created ({exc.strerror}): name a folder you can write") from None
     with tempfile.TemporaryDirectory(prefix="ptq-report-") as tmp:
         table = add_statistics(add_phase_figures(tidy(runs), Path(tmp)), Path(tmp))
         files = _plots(table, Path(tmp), out)
         profiles = profile_section(table, Path(tmp))
     table.to_csv(out / "runs.csv", index=False)
-    (out / "report.md").write_text(markdown(table) + profiles)
+    (out / "report.md").write_text(markdown(table, where) + profiles)
     files += [out / "runs.csv", out / "report.md"]
     if log_run:
-        if not tracking.under_mlflow_run():  # `mlflow run -e report` logs into its own project run
-            tracking.set_experiment("ptq-reports")
-        with mlflow.start_run(run_name="report") as active:
-            params = {"experiments": ",".join(experiments), "device": device, "model": model, "precision": precision, "runs": str(len(table))}
-            mlflow.log_params(tracking.new_params(active.info.run_id, params))
-            mlflow.set_tag("ptq.kind", "report")
-            for f in files:
-                mlflow.log_artifact(str(f))
-    return Report(out, table, files)
+        read = ",".join(experiments) or ",".join(sorted(runs["experiment"].unique()))
+        params = {"experiments": read, "device": device, "model": model, "precision": precision, "runs": str(len(table))}
+        tracking.log_report(params, files)
+    return Report(out, table, files, where)

@@ -302,3 +302,35 @@ def test_cli_refuses_unreadable_data(onnx_dir: Path, garbage_dir: Path) -> None:
     assert out.returncode == 2, out.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: none of the 12 images in data folder"), out.stderr
     assert no_runs()
+
+
+def _one_line(out: subprocess.CompletedProcess[str]) -> str:
+    """The one stderr line of a refused command (status 2)."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    return lines[0]
+
+
+def test_mlflow_3_file_store_is_one_line_naming_the_switch(onnx_dir: Path, small_dir: Path, tmp_path: Path) -> None:
+    """MLflow 3 opens its file store only with MLFLOW_ALLOW_FILE_STORE=true: `ptq run` and `ptq report` say so in one line, having made nothing."""
+    uri = (tmp_path / "mlruns").as_uri()
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}, "MLFLOW_TRACKING_URI": uri}
+    run = subprocess.run([str(BIN / "ptq"), "run", "--model", str(onnx_dir / "imagenet224.onnx"), "--data", str(small_dir), "--calib-size", "4"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    rep = subprocess.run([str(BIN / "ptq"), "report", "--out", str(tmp_path / "rep")], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    expected = f"error: MLFLOW_TRACKING_URI={uri} is MLflow's file store, which MLflow {mlflow.__version__} opens only with MLFLOW_ALLOW_FILE_STORE=true: set that"
+    assert _one_line(run).startswith(expected) and _one_line(rep).startswith(expected)
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "rep").exists()
+
+
+def test_report_out_that_is_a_file_or_unwritable_is_one_line(tmp_path: Path) -> None:
+    """Checked before any run is read (there is none here: the folder's error comes first)."""
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def report(out: str) -> str:
+        return _one_line(subprocess.run([str(BIN / "ptq"), "report", "--out", out], capture_output=True, text=True, timeout=300, cwd=tmp_path))
+
+    assert report("notes.txt") == "error: --out notes.txt is a file: name a folder for the report (it is created if missing)"
+    assert report("notes.txt/rep") == f"error: --out notes.txt/rep is inside {tmp_path / 'notes.txt'}, which is a file: name a folder for the report"
+    assert report("/proc/ptq-report").startswith("error: --out /proc/ptq-report cannot be written (making a folder in /proc: ")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not list(tmp_path.glob("rep*"))

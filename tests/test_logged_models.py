@@ -53,7 +53,7 @@ def tiny_onnx(path: Path) -> Path:
     return path
 
 
-def test_int8_run_logs_both_models_and_the_int8_one_classifies_like_the_run(small_dir: Path) -> None:
+def test_int8_run_logs_both_models_and_the_int8_one_classifies_like_the_run(small_dir: Path, tmp_path: Path) -> None:
     run_id = pipeline.run(RunConfig(model="lite0", precision="int8", data=small_dir, calib_size=8, eval_size=16, min_queries=4,
                                     min_duration_s=0, blocks=2, warmup=1, monitor=False, progress=False))
     assert mlflow.active_run() is None
@@ -73,19 +73,18 @@ def test_int8_run_logs_both_models_and_the_int8_one_classifies_like_the_run(smal
     for key in ("acc/top1", "latency/p50_ms", "speedup/p50", "size/model_bytes"):
         assert metrics[key] == run.data.metrics[key]
     assert not fp32.metrics
-    assert {"model/model_fp32.onnx", "model/model_int8.onnx"} <= {a.path for a in client.list_artifacts(run_id, "model")}
+    assert "model" not in {a.path for a in client.list_artifacts(run_id)}  # each model file once: as its LoggedModel
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{int8.model_id}"))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{int8.model_id}", dst_path=str(tmp_path / "int8")))
     assert json.loads((local / "extra_files" / "calibration_ranges.json").read_text())
-    with (local / "model.onnx").open("rb") as f, Path(client.download_artifacts(run_id, "model/model_int8.onnx")).open("rb") as g:
-        assert onnx.load(f) == onnx.load(g)
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(local / "model.onnx")).graph.node}  # the int8 graph, not a copy of fp32
 
-    predictions = Path(client.download_artifacts(run_id, "predictions.csv"))
+    predictions = Path(client.download_artifacts(run_id, "predictions.csv", str(tmp_path)))
     row = next(csv.DictReader(predictions.open()))
     dataset = data.scan(small_dir)
     index = [f.name for f in dataset.files].index(row["image"])
     batch = data.load_tensors(dataset, models.resolve("lite0").transform, progress=False).batch([index])
-    loaded = mlflow.pyfunc.load_model(f"models:/{int8.model_id}")
+    loaded = mlflow.pyfunc.load_model(f"models:/{int8.model_id}", dst_path=str(tmp_path))
     logits = loaded.predict(batch)["logits"]
     assert logits.shape == (1, 1000) and int(np.argmax(logits[0])) == int(row["top5"].split()[0])
 
@@ -118,10 +117,11 @@ def test_an_engine_is_a_model_of_its_own_beside_the_fp32_onnx(tmp_path: Path) ->
     assert trt.model_type == "tensorrt" and trt.params["precision"] == "int8" and trt.tags["numerics"] == "int8 with fp16 fallback"
     assert found["fp32-onnx"].model_type == "onnx" and found["fp32-onnx"].params["backend"] == "tensorrt"
     assert set(linked(trt)) == {"compress/build_s", "compress/total_s", "size/model_bytes", "size/ratio", "acc/top1"}
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{trt.model_id}"))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{trt.model_id}", dst_path=str(tmp_path / "trt")))
     assert {p.name for p in local.iterdir()} - {"registered_model_meta"} == {"MLmodel", "model_int8.engine", "model_int8.json"}  # that one: download's own
     assert (local / "model_int8.engine").read_bytes() == engine.read_bytes()
     assert mlflow.models.Model.load(str(local)).flavors == {"tensorrt": {"data": "model_int8.engine"}}
+    assert {a.path for a in client.list_artifacts(rec.run_id, "model")} == {"model/model_int8_qdq.onnx"}  # no model's file twice
 
 
 def test_models_survive_a_lost_server_and_sync_uploads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,7 +170,7 @@ def test_models_survive_a_lost_server_and_sync_uploads_them(tmp_path: Path, monk
         assert output_ids(server, uploaded_run.info.run_id) == {m.model_id for m in uploaded.values()}
         assert linked(uploaded["int8-onnx"]) == {"acc/top1": 0.5}
         mlflow.set_tracking_uri(uri)
-        loaded = mlflow.pyfunc.load_model(f"models:/{uploaded['int8-onnx'].model_id}")
+        loaded = mlflow.pyfunc.load_model(f"models:/{uploaded['int8-onnx'].model_id}", dst_path=str(tmp_path))
         logits = loaded.predict(np.ones((2, 3, 8, 8), dtype=np.float32))["logits"]
         assert np.allclose(logits, np.ones((2, 3)) @ np.arange(12, dtype=np.float32).reshape(3, 4))
         assert sync.sync().uploaded == []

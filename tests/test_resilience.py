@@ -54,9 +54,9 @@ def test_sigterm_ends_the_run_killed_with_its_data_and_no_temp_files(small_dir: 
     proc = ptq(args, {"TMPDIR": str(tmp), "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}, cwd=tmp_path)
     client = MlflowClient()
 
-    def timing() -> bool:  # the models are logged just before latency is timed
+    def timing() -> bool:  # the models (and then the model's size) are logged just before latency is timed
         runs = mlflow.search_runs(search_all_experiments=True)
-        return len(runs) == 1 and bool(client.list_artifacts(runs.iloc[0].run_id, "model"))
+        return len(runs) == 1 and "size/model_bytes" in client.get_run(runs.iloc[0].run_id).data.metrics
 
     wait_for(timing)
     time.sleep(2)
@@ -75,18 +75,24 @@ def test_sigterm_ends_the_run_killed_with_its_data_and_no_temp_files(small_dir: 
 
 
 def test_run_left_running_by_a_dead_process_is_closed_killed_by_the_next_run(small_dir: Path, tmp_path: Path) -> None:
+    """... and its work folder, which nothing in the killed process could remove, goes with it."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     args = ["run", *TINY, "--precision", "fp32", "--min-duration-s", "120", "--monitor", "false", "--data", str(small_dir)]
-    proc = ptq(args, {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}, cwd=tmp_path)
+    proc = ptq(args, {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "TMPDIR": str(tmp)}, cwd=tmp_path)
     wait_for(lambda: len(mlflow.search_runs(search_all_experiments=True)) == 1)
     time.sleep(3)
     proc.kill()  # SIGKILL: nothing in the process can react, as in a power loss
     proc.communicate(timeout=60)
     stale = mlflow.search_runs(search_all_experiments=True).iloc[0]
     assert stale.status == "RUNNING"
+    (work,) = tmp.glob("ptq-run-*")
+    assert work.name.startswith(f"ptq-run-{proc.pid}-") and stale[f"tags.{tracking.TEMP_TAG}"] == str(work)
     pipeline.run(RunConfig(model="mob-s", weights="random", precision="fp32", data=small_dir, calib_size=4, eval_size=4, min_queries=2,
                            min_duration_s=0, blocks=2, warmup=0, monitor=False, progress=False))
     closed = mlflow.get_run(stale.run_id)
     assert closed.info.status == "KILLED" and "ended without closing the run" in closed.data.tags["ptq.error"]
+    assert not list(tmp.glob("ptq-*"))
 
 
 def test_server_lost_mid_run_goes_offline_and_sync_completes_it(small_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,7 +127,8 @@ def test_server_lost_mid_run_goes_offline_and_sync_completes_it(small_dir: Path,
         completed = server.get_run(server_run)  # the same run on the server, completed: never left RUNNING
         assert completed.info.status == "FINISHED" and completed.data.metrics["acc/top1"] == offline.data.metrics["acc/top1"]
         assert len(server.get_metric_history(server_run, "size/fp32_bytes")) == 1  # logged before the loss, not twice
-        assert {"latency.csv", "predictions.csv", "model"} <= {a.path for a in server.list_artifacts(server_run)}
+        assert {"latency.csv", "predictions.csv"} <= {a.path for a in server.list_artifacts(server_run)}
+        assert {m.name for m in server.search_logged_models([completed.info.experiment_id], f"source_run_id = '{server_run}'")} == {"fp32-onnx", "int8-onnx"}
         assert len(server.search_runs([completed.info.experiment_id])) == 1
         assert sync.sync().uploaded == []
 

@@ -47,7 +47,8 @@ def test_a_child_that_crashes_natively_ends_failed_and_the_sweep_goes_on(small_d
     crashed = MlflowClient().get_run(runs.loc["fp32"].run_id)
     assert crashed.info.status == "FAILED" and crashed.data.tags["ptq.error"] == "child process died of SIGSEGV"
     assert {"size/fp32_bytes", "size/model_bytes", "data/calib_images"} <= set(crashed.data.metrics)  # what it logged before the crash
-    assert "model" in {a.path for a in MlflowClient().list_artifacts(crashed.info.run_id)}
+    assert {m.name for m in MlflowClient().search_logged_models([crashed.info.experiment_id], f"source_run_id = '{crashed.info.run_id}'")} == {"fp32-onnx"}
+    assert not Path(crashed.data.tags[tracking.TEMP_TAG]).exists()  # the crashed child's work folder went with its run
     assert runs.loc["fp16"].status == "FINISHED"
     parent = mlflow.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ptq.sweep_failed"] == FP32
@@ -84,7 +85,7 @@ def test_sigterm_to_the_sweep_alone_stops_its_child_and_both_end_killed(small_di
                                 stdout=subprocess.DEVNULL, stderr=err, cwd=store, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not (len(runs := children()) == 1 and MlflowClient().list_artifacts(runs.iloc[0].run_id, "model")):  # timing fp32 for 120 s
+        while not (len(runs := children()) == 1 and "size/model_bytes" in MlflowClient().get_run(runs.iloc[0].run_id).data.metrics):  # timing fp32 for 120 s
             assert proc.poll() is None and time.time() < deadline, (store / "stderr.txt").read_text()[-3000:]
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)  # to the sweep's process only, as `kill` or `timeout` would

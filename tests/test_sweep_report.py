@@ -228,6 +228,7 @@ def test_report_and_sweep_entry_points(small_dir: Path, tmp_path: Path, store: P
     project = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["TMPDIR"] = str(tmp_path)  # `mlflow run` leaves a folder of its own in the temp dir each time
     mlflow_run = [str(Path(sys.executable).parent / "mlflow"), "run", str(project), "--env-manager", "local"]
     sweep_args = ["-e", "sweep", "--experiment-name", "ptq", "-P", "preset=", "-P", "models=mob-s", "-P", "weights=random",
                   "-P", "precisions=fp32", "-P", f"data={small_dir}", "-P", "calib_size=4", "-P", "eval_size=8", "-P", "min_queries=4", "-P", "min_duration_s=0", "-P", "monitor=false"]

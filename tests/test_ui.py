@@ -28,5 +28,6 @@ def test_run_page_shows_headline_system_charts_and_models(small_dir: Path, tmp_p
     seen = ui_check.check(run_id, tmp_path / "shots")
     assert seen["description"] is True  # the run's description is its headline table
     assert seen["system_charts"] >= 10  # MLflow's System metrics tab draws ptq's system/ series
-    assert seen["models_page"] == ["fp32-onnx", "int8-"]
-    assert {p.name for p in (tmp_path / "shots").glob("*.png")} == {"overview.png", "system_metrics.png", "logged_models.png"}
+    assert seen["models_page"] == ["fp32-onnx", "int8-"] and seen["logged_models"] == ["fp32-onnx", "int8-"]
+    assert seen["runs_table"] is True  # the runs table names the run as ptq does (lite0-int8-ort)
+    assert {p.name for p in (tmp_path / "shots").glob("*.png")} == {"runs_table.png", "overview.png", "system_metrics.png", "logged_models.png"}
