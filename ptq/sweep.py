@@ -13,12 +13,14 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from ptq import data, pipeline, tracking
@@ -40,14 +42,15 @@ PRESETS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class ChildJob:
-    """One combination as its child process gets it: the run's config and tags, the sweep's run, the store to
-    log to and the `ptq` log level (a spawned process inherits neither mlflow's nor logging's settings)."""
+    """One combination as its child process gets it: the run's config and tags, the sweep's run, the run claimed for
+    it, the store to log to and the `ptq` log level (a spawned process inherits neither mlflow's nor logging's settings)."""
 
     cfg: RunConfig
     tags: dict[str, str]
     parent_run_id: str
     tracking_uri: str
     log_level: int
+    run_id: str | None = None
 
 
 class ChildFailed(Exception):
@@ -96,8 +99,9 @@ def resume_identity(fingerprint: dict[str, str], data_hash: str) -> dict[str, ob
 
 
 def run_child(job: ChildJob) -> str:
-    """What each child process runs by default: the combination's run, a child of the sweep's run; returns its id."""
-    return pipeline.run(job.cfg, job.tags, job.parent_run_id)
+    """What each child process runs by default: the combination's run (the one claimed for it), a child of the sweep's
+    run; returns its id."""
+    return pipeline.run(job.cfg, job.tags, job.parent_run_id, run_id=job.run_id)
 
 
 def run_sweep(
@@ -111,8 +115,10 @@ def run_sweep(
     target: Callable[[ChildJob], str] = run_child,
 ) -> SweepResult:
     """Run every combination as a child of one parent run, each in a fresh process (so a native crash costs one
-    combination, and peak memory is each run's own); rerunning resumes where the last attempt stopped. `target`
-    is what each child runs: a module-level function, as the spawned process imports it by name."""
+    combination, and peak memory is each run's own); rerunning resumes where the last attempt stopped, and identical
+    sweeps running at once share the work (a combination is claimed before it runs). The parent writes through a
+    Recorder, so a lost server moves it and the rest of the sweep offline. `target` is what each child runs: a
+    module-level function, as the spawned process imports it by name."""
     grid = combinations(models, precisions or list(PRECISIONS), backends or ["ort"], calib_methods or [base.options.get("calib_method", "")])
     if not grid:
         raise PtqError("the sweep is empty: give at least one model, precision and backend")
@@ -128,68 +134,140 @@ def run_sweep(
     run_params = {k: v for k, v in base.params().items() if k not in ("model", "precision", "backend", "calib_method", "experiment")}
     key_params = {k: v for k, v in run_params.items() if k != "data"}  # the same images elsewhere are the same data
     sweep_key = _key(name, identity, grid, key_params)
-    client = MlflowClient()
-    parent_id = None
+    parent_tags = {**fingerprint, **tracking.offline_tags(), "ptq.sweep": name, SWEEP_KEY: sweep_key}
+    params = {**run_params, "sweep": name, "data_hash": data_hash, "grid": json.dumps(grid)[:6000], "combinations": str(len(grid))}
+    parent_id, new = None, True
     if not tracking.under_mlflow_run():  # under `mlflow run -e sweep`, the project's run is the parent
-        experiment_id = tracking.set_experiment(base.experiment)
-        previous = client.search_runs([experiment_id], f"tags.`ptq.sweep_key` = '{sweep_key}'", max_results=1)
-        parent_id = previous[0].info.run_id if previous else None
-    passed: list[str] = []
-    failed: list[str] = []
-    skipped: list[str] = []
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{name}") as parent:
-        experiment_id = parent.info.experiment_id
-        if not parent_id:
-            mlflow.set_tags({**fingerprint, **tracking.offline_tags(), "ptq.sweep": name, "ptq.sweep_key": sweep_key})
-            params = {**run_params, "sweep": name, "data_hash": data_hash, "grid": json.dumps(grid)[:6000], "combinations": str(len(grid))}
-            mlflow.log_params(tracking.new_params(parent.info.run_id, params))
+        parent_id, new = _parent(MlflowClient(), tracking.set_experiment(base.experiment), sweep_key, parent_tags, f"sweep-{name}")
+    tally = Tally(grid)
+    with ExitStack() as shield, tracking.run(base.experiment, f"sweep-{name}", params if new else {}, parent_tags, run_id=parent_id) as parent:
         try:
+            waiting: dict[str, tuple[dict[str, str], str]] = {}  # combinations another sweep is running: label -> (combination, its run)
             for number, combo in enumerate(grid, 1):
                 label = "/".join(v for v in combo.values() if v)
-                combo_key = _key(identity, combo, key_params)
-                earlier = client.search_runs([experiment_id], f"tags.`ptq.combo_key` = '{combo_key}'")
-                if any(r.info.status == "FINISHED" for r in earlier):
-                    skipped.append(label)
-                    continue
-                for stale in earlier:  # failed, killed or cut off by power loss: superseded by this attempt
-                    client.delete_run(stale.info.run_id)
-                # the fingerprint the resume key was made of, so every run's tags match its key
-                tags = {**fingerprint, **tracking.offline_tags(), "ptq.sweep": name, "ptq.combo_key": combo_key}
-                job = ChildJob(_configure(base, combo), tags, parent.info.run_id, mlflow.get_tracking_uri(), logging.getLogger("ptq").getEffectiveLevel())
                 log.info("sweep %s %d/%d: %s", name, number, len(grid), label)
-                try:
-                    run_id = _in_child(target, job, client, experiment_id)
-                    log.info("sweep %s: %s finished as run %s", name, label, run_id)
-                    passed.append(label)
-                except ChildFailed as exc:  # one failed combination does not stop the others
-                    log.warning("sweep %s: %s failed: %s", name, label, exc)
-                    failed.append(label)
-        except BaseException as exc:  # Ctrl-C, SIGTERM (KILLED, like its stopped child) or a lost store: rerun to resume
-            with _shielded():
-                _log_counts(grid, passed, failed, skipped)
-                mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                if busy := _attempt(target, parent, base, combo, label, name, identity, key_params, fingerprint, tally):
+                    waiting[label] = (combo, busy)
+            while waiting:  # every combination is counted by the end, whoever ran it
+                time.sleep(WAIT_S)
+                for label, (combo, run_id) in list(waiting.items()):
+                    other = parent.call(lambda client, _e: client.get_run(run_id))  # noqa: B023 (called at once)
+                    if other.info.lifecycle_stage == "active" and other.info.status == "RUNNING" and tracking.claim_alive(other):
+                        continue
+                    del waiting[label]
+                    if other.info.lifecycle_stage == "active" and other.info.status == "FINISHED":
+                        tally.skipped.append(label)
+                    elif other.info.lifecycle_stage == "active" and other.info.status != "RUNNING":
+                        tally.failed.append(label)
+                    elif busy := _attempt(target, parent, base, combo, label, name, identity, key_params, fingerprint, tally):  # its claimer died
+                        waiting[label] = (combo, busy)
+        except BaseException:  # Ctrl-C, SIGTERM (KILLED, like its stopped child) or a store lost for good: rerun to resume
+            shield.enter_context(_shielded())  # until the parent is closed too
+            _log_counts(parent, tally)
             raise
-        _log_counts(grid, passed, failed, skipped)
-        return SweepResult(parent.info.run_id, passed, failed, skipped)
+        _log_counts(parent, tally)
+        return SweepResult(parent.run_id, tally.passed, tally.failed, tally.skipped)
 
 
-def _log_counts(grid: list[dict[str, str]], passed: list[str], failed: list[str], skipped: list[str]) -> None:
-    """The parent's tally: how many combinations finished, ran now, were skipped or failed."""
-    mlflow.log_metrics(
-        {"sweep/total": len(grid), "sweep/finished": len(skipped) + len(passed), "sweep/ran": len(passed), "sweep/skipped": len(skipped), "sweep/failed": len(failed)}
-    )
-    mlflow.set_tag("ptq.sweep_failed", ", ".join(failed)[:5000] or "none")
+SWEEP_KEY, COMBO_KEY = "ptq.sweep_key", "ptq.combo_key"
+WAIT_S = 2.0  # how often a sweep looks at the combinations that other sweeps are running
+HEARTBEAT_S = 60.0  # how often a sweep renews the claim on the combination it runs (tracking.CLAIM_STALE_S for other machines)
 
 
-def _in_child(target: Callable[[ChildJob], str], job: ChildJob, client: MlflowClient, experiment_id: str) -> str:
+@dataclass
+class Tally:
+    """The combinations of a sweep by what became of them in this process."""
+
+    grid: list[dict[str, str]]
+    passed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _parent(client: MlflowClient, experiment_id: str, sweep_key: str, tags: dict[str, str], run_name: str) -> tuple[str, bool]:
+    """The sweep's parent run: an earlier one with its key (resumed, or joined by a concurrent identical sweep), else a
+    new one claimed so that two sweeps starting at once join one parent; (its id, whether it is new)."""
+    earlier = client.search_runs([experiment_id], f"tags.`{SWEEP_KEY}` = '{sweep_key}'", max_results=1000)
+    if earlier:
+        return min(earlier, key=lambda r: (tracking.claim_order(r))).info.run_id, False
+    owner = {tracking.PROCESS_TAG: tracking.process_id(), "device.machine_id": tracking.machine_id()}
+    return tracking.claim_run(client, experiment_id, SWEEP_KEY, sweep_key, {**tags, **owner}, lambda _r: True, run_name)
+
+
+def _claim_combo(client: MlflowClient, experiment_id: str, combo_key: str, tags: dict[str, str], run_name: str) -> tuple[str, str]:
+    """Claim a combination before running it, so concurrent identical sweeps share the work: ("done", run) if a
+    FINISHED run stands for it, ("busy", run) if another sweep's live claim holds it, else ("mine", the run claimed,
+    RUNNING, that the child process takes over). Failed, killed and dead attempts are discarded: superseded by this one."""
+    earlier = client.search_runs([experiment_id], f"tags.`{COMBO_KEY}` = '{combo_key}'", max_results=1000)
+    for r in earlier:
+        if r.info.status == "FINISHED":
+            return "done", r.info.run_id
+    for r in earlier:
+        if r.info.status == "RUNNING" and tracking.claim_alive(r):
+            return "busy", r.info.run_id
+    for stale in earlier:  # failed, killed or cut off by power loss
+        tracking.discard_run(client, stale.info.run_id, "superseded by a new attempt")
+
+    def stands(r: Run) -> bool:
+        return r.info.status == "FINISHED" or (r.info.status == "RUNNING" and tracking.claim_alive(r))
+
+    owner = {tracking.PROCESS_TAG: tracking.process_id(), "device.machine_id": tracking.machine_id()}
+    winner, mine = tracking.claim_run(client, experiment_id, COMBO_KEY, combo_key, {**tags, **owner}, stands, run_name)
+    if mine:
+        return "mine", winner
+    return ("done" if client.get_run(winner).info.status == "FINISHED" else "busy"), winner
+
+
+def _attempt(
+    target: Callable[[ChildJob], str], parent: tracking.Recorder, base: RunConfig, combo: dict[str, str], label: str, name: str,
+    identity: dict[str, object], key_params: dict[str, str], fingerprint: dict[str, str], tally: Tally,
+) -> str | None:
+    """Claim and run one combination, counting it in `tally`; the run id of another sweep's claim if that holds it."""
+    combo_key = _key(identity, combo, key_params)
+    # the fingerprint the resume key was made of, so every run's tags match its key
+    tags = {**fingerprint, "ptq.sweep": name, COMBO_KEY: combo_key}
+
+    def claim(client: MlflowClient, experiment_id: str) -> tuple[str, str]:  # on the store the parent is in by then
+        return _claim_combo(client, experiment_id, combo_key, {**tags, **tracking.offline_tags(), "mlflow.parentRunId": parent.run_id}, label.replace("/", "-"))
+
+    kind, run_id = parent.call(claim)
+    tags.update(tracking.offline_tags())
+    if kind == "done":
+        tally.skipped.append(label)
+        return None
+    if kind == "busy":
+        log.info("sweep %s: %s is being run by another sweep (run %s)", name, label, run_id)
+        return run_id
+    job = ChildJob(_configure(base, combo), tags, parent.run_id, mlflow.get_tracking_uri(), logging.getLogger("ptq").getEffectiveLevel(), run_id)
+    try:
+        done = _in_child(target, job, parent)
+        log.info("sweep %s: %s finished as run %s", name, label, done)
+        tally.passed.append(label)
+    except ChildFailed as exc:  # one failed combination does not stop the others
+        log.warning("sweep %s: %s failed: %s", name, label, exc)
+        tally.failed.append(label)
+    return None
+
+
+def _log_counts(parent: tracking.Recorder, tally: Tally) -> None:
+    """The parent's tally: how many combinations finished, ran now, were skipped (finished already, or by another
+    sweep) or failed."""
+    finished = len(tally.skipped) + len(tally.passed)
+    parent.metrics({"sweep/total": len(tally.grid), "sweep/finished": finished, "sweep/ran": len(tally.passed), "sweep/skipped": len(tally.skipped), "sweep/failed": len(tally.failed)})
+    parent.tags({"ptq.sweep_failed": ", ".join(tally.failed)[:5000] or "none"})
+
+
+def _in_child(target: Callable[[ChildJob], str], job: ChildJob, parent: tracking.Recorder) -> str:
     """Run `target(job)` in a fresh spawned process and return the run id it reports; raise ChildFailed if it
     failed or died (a run it left RUNNING is closed FAILED, naming the signal). Stopped by Ctrl-C or SIGTERM,
-    the sweep stops the child first, which closes its run KILLED."""
+    the sweep stops the child first, which closes its run KILLED. While it runs, the sweep renews its claim."""
     context = multiprocessing.get_context("spawn")
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(target=_child_main, args=(target, job, writer), name="ptq-sweep-child")
     process.start()
     writer.close()  # the child holds the only writer: its exit ends recv()
+    stop_beating = threading.Event()
+    threading.Thread(target=_heartbeat, args=(parent.client.tracking_uri, job.run_id, stop_beating), daemon=True).start()
     try:
         try:
             kind, value = reader.recv()
@@ -202,18 +280,19 @@ def _in_child(target: Callable[[ChildJob], str], job: ChildJob, client: MlflowCl
             if _stop(process, exc.signum if isinstance(exc, Terminated) else signal.SIGINT):
                 why += f" (the run's process did not stop within {STOP_GRACE_S:g} s and was killed)"
             try:
-                _close_left_running(client, experiment_id, job, process.pid, "KILLED", why)
+                _close_left_running(parent, job, "KILLED", why)
             except Exception as inner:  # the store failed too: the stop is what the sweep reports
                 log.warning("could not close the stopped combination's run (%s)", inner)
         raise
     finally:
+        stop_beating.set()
         reader.close()
     if kind == "ok":
         return str(value)
     if kind == "died":
         code = process.exitcode or 0
         value = f"child process died of {signal.Signals(-code).name}" if code < 0 else f"child process exited with status {code} without a result"
-        _close_left_running(client, experiment_id, job, process.pid, "FAILED", value)
+    _close_left_running(parent, job, "FAILED", value)  # also the claimed run of a child that failed before taking it over
     raise ChildFailed(value)
 
 
@@ -258,13 +337,18 @@ def _stop(process: multiprocessing.process.BaseProcess, signum: int) -> bool:
     return False
 
 
-def _close_left_running(client: MlflowClient, experiment_id: str, job: ChildJob, pid: int | None, status: str, why: str) -> None:
-    """Close the run that the child process `pid` left RUNNING for this combination, if any, with `why` as its error."""
-    query = f"tags.`ptq.combo_key` = '{job.tags['ptq.combo_key']}' and attributes.status = 'RUNNING' and tags.`{tracking.PROCESS_TAG}` LIKE '{pid}:%'"
-    for run in client.search_runs([experiment_id], query):
-        client.set_tag(run.info.run_id, "ptq.error", why)
-        client.set_terminated(run.info.run_id, status)
-        log.warning("run %s %s (%s)", run.info.run_id, status, why)
+def _heartbeat(uri: str, run_id: str | None, stop: threading.Event) -> None:
+    """Renew the claim on the combination's run every HEARTBEAT_S until `stop` (a lost server just misses beats)."""
+    client = MlflowClient(uri)
+    while run_id and not stop.wait(HEARTBEAT_S):
+        with suppress(Exception):
+            tracking.beat(client, run_id)
+
+
+def _close_left_running(parent: tracking.Recorder, job: ChildJob, status: str, why: str) -> None:
+    """Close the combination's run if its child process left it RUNNING (or died before taking it over), with `why`
+    as its error (its work folder goes with it)."""
+    parent.call(lambda client, experiment_id: tracking.close_left_running(client, experiment_id, f"attributes.run_id = '{job.run_id}'", status, why))
 
 
 @contextmanager

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ def _chunks(items: list, size: int) -> list[list]:  # type: ignore[type-arg]
 def sync(target: str | None = None) -> SyncResult:
     """Copy every finished offline run (params, tags, logged models, metric histories with steps, timestamps and
     model links, artifacts, status and times) to `target` or the server it was meant for; a run already there is
-    never copied twice."""
+    never copied twice, even by syncs running at once (here, or on another machine with a copy of the store)."""
     result = SyncResult()
     configured = target or mlflow.get_tracking_uri()
     if configured.startswith(("http://", "https://")):
@@ -51,34 +54,91 @@ def sync(target: str | None = None) -> SyncResult:
     tracking.close_stale_runs(local, [e.experiment_id for e in local.search_experiments()])  # uploaded as KILLED
     remote_ids: dict[str, str] = {}
     for exp in local.search_experiments():
-        for run in local.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=50000):
-            rid, tags = run.info.run_id, run.data.tags
-            if SYNCED_TAG in tags:
-                remote_ids[rid] = tags[SYNCED_TAG]
-                result.already.append(rid)
-                continue
-            if run.info.status == "RUNNING":
-                result.waiting.append(rid)
-                continue
-            uri = target or tags.get("ptq.sync_target")
-            if not uri:
-                raise PtqError(f"offline run {rid} does not say which server it belongs to: pass --target URI")
-            if why := tracking.probe(uri):
-                raise PtqError(f"tracking server {uri} is still unreachable ({why}): start it and run `ptq sync` again")
-            remote = MlflowClient(tracking_uri=uri)
-            remote_exp = remote.get_experiment_by_name(exp.name)
-            exp_id = remote_exp.experiment_id if remote_exp else remote.create_experiment(exp.name)
-            earlier = remote.search_runs([exp_id], f"tags.`{SOURCE_TAG}` = '{rid}'")
-            done = [r for r in earlier if r.info.status != "RUNNING"]
-            for cut_off in (r for r in earlier if r.info.status == "RUNNING" and r.info.run_id != tags.get(tracking.PARTIAL_TAG)):
-                for model in _models(remote, exp_id, cut_off.info.run_id):
-                    remote.delete_logged_model(model.model_id)  # type: ignore[attr-defined]
-                remote.delete_run(cut_off.info.run_id)  # a copy whose sync was cut off midway
-            new_id = done[0].info.run_id if done else _copy(local, remote, run, exp_id, remote_ids)
-            local.set_tag(rid, SYNCED_TAG, new_id)
-            remote_ids[rid] = new_id
-            (result.already if done else result.uploaded).append(rid)
+        for listed in local.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=50000):
+            with _locked(listed.info.run_id):  # another sync of this store waits here, then finds it uploaded
+                _sync_run(local, local.get_run(listed.info.run_id), exp.name, target, remote_ids, result)
     return result
+
+
+@contextmanager
+def _locked(run_id: str) -> Iterator[None]:
+    """Hold the offline store's lock on run `run_id` (a lock file beside the store, flock): one sync at a time uploads it."""
+    folder = tracking.offline_dir() / "locks"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{run_id}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _sync_run(local: MlflowClient, run: Run, experiment: str, target: str | None, remote_ids: dict[str, str], result: SyncResult) -> None:
+    """Upload one offline run unless it is uploaded, running, or claimed by another uploader, counting it in `result`."""
+    rid, tags = run.info.run_id, run.data.tags
+    if SYNCED_TAG in tags:
+        remote_ids[rid] = tags[SYNCED_TAG]
+        result.already.append(rid)
+        return
+    if run.info.status == "RUNNING":
+        result.waiting.append(rid)
+        return
+    uri = target or tags.get("ptq.sync_target")
+    if not uri:
+        raise PtqError(f"offline run {rid} does not say which server it belongs to: pass --target URI")
+    if why := tracking.probe(uri):
+        raise PtqError(f"tracking server {uri} is still unreachable ({why}): start it and run `ptq sync` again")
+    remote = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment(remote, experiment)
+    partial = _server_run(remote, tags.get(tracking.PARTIAL_TAG))
+    if partial is None:
+        earlier = remote.search_runs([exp_id], f"tags.`{SOURCE_TAG}` = '{rid}'", max_results=1000)
+        done = [r for r in earlier if r.info.status != "RUNNING"]
+        if done:
+            return _already(local, rid, min(done, key=tracking.claim_order).info.run_id, remote_ids, result)
+        if uploading := [r for r in earlier if tracking.claim_alive(r)]:  # by another sync, here or elsewhere
+            remote_ids[rid] = min(uploading, key=tracking.claim_order).info.run_id
+            result.already.append(rid)
+            return
+        for cut_off in earlier:
+            tracking.discard_run(remote, cut_off.info.run_id, "its upload was cut off; uploaded again")
+        new_id, mine = tracking.claim_run(
+            remote, exp_id, SOURCE_TAG, rid, {}, lambda r: r.info.status != "RUNNING" or tracking.claim_alive(r), run.info.run_name, run.info.start_time
+        )
+        if not mine:  # another uploader claimed it first: it is there, or soon will be
+            if remote.get_run(new_id).info.status != "RUNNING":
+                return _already(local, rid, new_id, remote_ids, result)
+            remote_ids[rid] = new_id
+            result.already.append(rid)
+            return
+    try:
+        _copy(local, remote, run, exp_id, remote_ids, partial or remote.get_run(new_id), partial is not None)
+    except BaseException as exc:
+        if partial is None:  # never left behind half uploaded, nor RUNNING in the trash
+            tracking.discard_run(remote, new_id, "its upload was stopped")
+        if isinstance(exc, KeyboardInterrupt):
+            log.warning("ptq sync stopped (%s) while uploading offline run %s: its partial copy was removed from %s; run `ptq sync` again", exc, rid, uri)
+        raise
+    server_id = partial.info.run_id if partial else new_id
+    local.set_tag(rid, SYNCED_TAG, server_id)
+    remote_ids[rid] = server_id
+    result.uploaded.append(rid)
+
+
+def _already(local: MlflowClient, rid: str, server_id: str, remote_ids: dict[str, str], result: SyncResult) -> None:
+    """Offline run `rid` is on the server already, as `server_id`."""
+    local.set_tag(rid, SYNCED_TAG, server_id)
+    remote_ids[rid] = server_id
+    result.already.append(rid)
+
+
+def _experiment(remote: MlflowClient, name: str) -> str:
+    """The server's experiment `name`, created if needed (by whichever uploader comes first)."""
+    found = remote.get_experiment_by_name(name)
+    if found is None:
+        with suppress(MlflowException):  # another uploader created it first
+            remote.create_experiment(name, tags={tracking.KIND_TAG: tracking.KIND})
+        found = remote.get_experiment_by_name(name)
+        if found is None:
+            raise PtqError(f"could not create or find experiment {name!r} on {remote.tracking_uri}")
+    return str(found.experiment_id)
 
 
 def _server_run(remote: MlflowClient, run_id: str | None) -> Run | None:
@@ -86,16 +146,10 @@ def _server_run(remote: MlflowClient, run_id: str | None) -> Run | None:
     if not run_id:
         return None
     try:
-        return remote.get_run(run_id)
+        run = remote.get_run(run_id)
     except MlflowException:
         return None
-
-
-def _models(client: Any, experiment_id: str, run_id: str) -> list[Any]:
-    """The logged models that run `run_id` produced (none with MLflow 2, whose models are among the run's artifacts)."""
-    if not LOGGED_MODELS:
-        return []
-    return list(client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'", max_results=1000))
+    return run if run.info.lifecycle_stage == "active" else None
 
 
 def _upload_model(remote: Any, model: Any, exp_id: str, run_id: str) -> str:
@@ -123,13 +177,13 @@ def _copy_models(local: Any, remote: Any, run: Run, exp_id: str, new_id: str, pa
     from mlflow.entities import LoggedModelStatus  # type: ignore[attr-defined,unused-ignore]
 
     have: dict[str, str] = {}
-    for model in _models(remote, exp_id, new_id) if partial else []:
+    for model in tracking.logged_models(remote, exp_id, new_id) if partial else []:
         if model.status == LoggedModelStatus.READY:
             have[model.name] = model.model_id
         else:
             remote.delete_logged_model(model.model_id)
     links = {}
-    for model in _models(local, run.info.experiment_id, run.info.run_id):
+    for model in tracking.logged_models(local, run.info.experiment_id, run.info.run_id):
         if model.status != LoggedModelStatus.READY:
             continue
         server_id = have.get(model.name) or _upload_model(remote, model, exp_id, new_id)
@@ -137,22 +191,21 @@ def _copy_models(local: Any, remote: Any, run: Run, exp_id: str, new_id: str, pa
     return links
 
 
-def _copy(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, remote_ids: dict[str, str]) -> str:
-    """Upload an offline run; one that continues a server run lost mid-run (tag ptq.partial_of) completes that
-    run, adding only what the server does not have yet."""
-    rid = run.info.run_id
+def _copy(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, remote_ids: dict[str, str], server: Run, partial: bool) -> None:
+    """Upload an offline run into server run `server`: the one claimed for it, or the server run it continues after the
+    server was lost mid-run (tag ptq.partial_of), to which only what the server does not have yet is added. The
+    claim is renewed between steps, so uploaders on other machines see that this one lives."""
+    rid, new_id = run.info.run_id, server.info.run_id
     tags = {k: v for k, v in run.data.tags.items() if k not in ("ptq.sync_target", SYNCED_TAG, tracking.PARTIAL_TAG)}
     if "mlflow.parentRunId" in tags:
         tags["mlflow.parentRunId"] = remote_ids.get(tags["mlflow.parentRunId"], tags["mlflow.parentRunId"])
-    partial = _server_run(remote, run.data.tags.get(tracking.PARTIAL_TAG))
-    if partial is not None:
-        new_id, have_params = partial.info.run_id, partial.data.params
-    else:
-        new_id, have_params = remote.create_run(exp_id, start_time=run.info.start_time, run_name=run.info.run_name).info.run_id, {}
-    remote.log_batch(new_id, tags=[RunTag(k, v) for k, v in {**tags, SOURCE_TAG: rid}.items()])
+    have_params = server.data.params if partial else {}
+    # owned by this process while it uploads: a run closing stale runs on this machine leaves it alone, unless we die
+    remote.log_batch(new_id, tags=[RunTag(k, v) for k, v in {**tags, SOURCE_TAG: rid, tracking.PROCESS_TAG: tracking.process_id()}.items()])
     for batch in _chunks([Param(k, v) for k, v in run.data.params.items() if k not in have_params], 100):
         remote.log_batch(new_id, params=batch)
-    links = _copy_models(local, remote, run, exp_id, new_id, partial is not None)
+    links = _copy_models(local, remote, run, exp_id, new_id, partial)
+    tracking.beat(remote, new_id)
     metrics = []
     for key in run.data.metrics:
         there = {(m.step, m.timestamp, m.value) for m in remote.get_metric_history(new_id, key)} if partial else set()
@@ -163,9 +216,9 @@ def _copy(local: MlflowClient, remote: MlflowClient, run: Run, exp_id: str, remo
         ]
     for batch in _chunks(metrics, 1000):
         remote.log_batch(new_id, metrics=batch)
+    tracking.beat(remote, new_id)
     with tempfile.TemporaryDirectory(prefix="ptq-sync-") as tmp:
         if local.list_artifacts(rid):
             remote.log_artifacts(new_id, local.download_artifacts(rid, "", tmp))
     remote.set_terminated(new_id, run.info.status, run.info.end_time)
     log.info("uploaded offline run %s %s %s", rid, "completing server run" if partial else "as", new_id)
-    return new_id

@@ -18,11 +18,11 @@ import time
 import traceback
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlflow
 import mlflow.onnx
@@ -30,11 +30,16 @@ import numpy as np
 import onnx
 import psutil
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+from ptq import disk
 from ptq.errors import PtqError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # MLflow 3 logs models as LoggedModels and links metrics to them; MLflow 2 (the last for Python 3.8, on JetPack 5)
 # has neither: there a model is an MLflow 2 model among the run's artifacts (`runs:/<run>/models/<name>`).
@@ -77,10 +82,27 @@ def _is_server(uri: str) -> bool:
 
 
 def check_reachable() -> None:
-    """Fail fast, before any work, if the tracking server cannot be reached (for reading: report, sync)."""
+    """Fail fast, before any work, if the tracking server cannot be reached or a local store opened (for reading: report, sync)."""
     uri = mlflow.get_tracking_uri()
     if _is_server(uri) and (why := probe(uri)):
         raise PtqError(f"tracking server {uri} is unreachable ({why}): start it, or unset MLFLOW_TRACKING_URI to use the local store")
+    if not _is_server(uri):
+        _open_local(uri)
+
+
+def _open_local(uri: str) -> None:
+    """Open a local store once, so that one MLflow refuses is one line: MLflow 3 keeps its file store
+    (`file:///…/mlruns` or a plain folder) behind MLFLOW_ALLOW_FILE_STORE=true."""
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as exc:
+        if "MLFLOW_ALLOW_FILE_STORE" not in str(exc):
+            raise
+        raise PtqError(
+            f"MLFLOW_TRACKING_URI={uri} is MLflow's file store, which MLflow {mlflow.__version__} opens only with "
+            "MLFLOW_ALLOW_FILE_STORE=true: set that, or use a database store such as sqlite:///mlflow.db "
+            "(`mlflow migrate-filestore` moves existing runs into one)"
+        ) from None
 
 
 def offline_dir() -> Path:
@@ -128,7 +150,7 @@ def select_store() -> str | None:
     offline store and return the server's URI (runs are tagged with it and `ptq sync` uploads them later)."""
     uri = mlflow.get_tracking_uri()
     if not _is_server(uri):
-        ready_store(uri)
+        ready_store(uri) if uri.startswith("sqlite:///") else _open_local(uri)
         return None
     if not (why := probe(uri)):
         return None
@@ -148,6 +170,60 @@ def local_artifact_dir(experiment: str) -> Path | None:
     return Path(parsed.path) if parsed.scheme in ("file", "") else None
 
 
+def search_study_runs(experiments: list[str], filter_string: str) -> pd.DataFrame:
+    """Runs matching `filter_string`, newest first, as MLflow's DataFrame plus column `experiment` (its name): from the
+    experiments named, or from every active experiment where none is (`mlflow run` files runs in 'Default')."""
+    import pandas as pd
+
+    if experiments:
+        found = {name: mlflow.get_experiment_by_name(name) for name in experiments}
+        missing = [name for name, e in found.items() if e is None]
+        if missing:
+            raise PtqError(f"no experiment named {', '.join(missing)}: check --experiments, or leave it empty to read every experiment")
+        names = {e.experiment_id: e.name for e in found.values() if e is not None}
+    else:
+        names = {e.experiment_id: e.name for e in mlflow.search_experiments()}
+    runs = mlflow.search_runs(experiment_ids=list(names), filter_string=filter_string, order_by=["attributes.start_time DESC"])
+    if not isinstance(runs, pd.DataFrame) or runs.empty:  # search_runs returns a DataFrame unless asked otherwise
+        return pd.DataFrame()
+    runs["experiment"] = runs["experiment_id"].map(names)
+    return runs
+
+
+def download_artifact(run_id: str, path: str, folder: Path) -> None:
+    """Download the run's artifact `path` into `folder` (a file lands there under its base name)."""
+    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder))
+
+
+def download_models(run_id: str, folder: Path) -> dict[str, Path]:
+    """The run's logged models, each downloaded into `folder/<name>` (an ONNX one as `model.onnx`, any other file as
+    it was, with its files): LoggedModels (`models:/<id>`) on MLflow 3, the run's `models/<name>` on MLflow 2."""
+    client = MlflowClient()
+    if LOGGED_MODELS:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        found: Any = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")  # type: ignore[attr-defined,unused-ignore]
+        uris = {m.name: f"models:/{m.model_id}" for m in found}
+    else:
+        uris = {Path(a.path).name: f"runs:/{run_id}/{a.path}" for a in client.list_artifacts(run_id, "models")}
+    return {name: Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder / name))) for name, uri in uris.items()}
+
+
+def log_report(params: dict[str, str], files: list[Path]) -> str:
+    """Log a report's files as a run named `report` (ptq.kind=report) in experiment ptq-reports, or under `mlflow run
+    -e report` as that project run; return its id."""
+    if not under_mlflow_run():
+        set_experiment("ptq-reports")
+    with mlflow.start_run(run_name="report") as active:
+        client = MlflowClient()
+        if under_mlflow_run():
+            name_run(client, active.info.run_id, "report")
+        mlflow.log_params(new_params(active.info.run_id, params))
+        mlflow.set_tag("ptq.kind", "report")
+        for f in files:
+            mlflow.log_artifact(str(f))
+        return str(active.info.run_id)
+
+
 def stored_run(run_id: str) -> Run:
     """A run as the store has it now (this process's store: the offline one if the server was lost)."""
     return MlflowClient().get_run(run_id)
@@ -162,9 +238,10 @@ def child_runs(parent_run_id: str) -> list[Run]:
 
 
 def where_to_look(run: Run) -> str:
-    """How to open a run: its page on a server, or the `mlflow ui` command for a local store."""
+    """How to open a run: its page on a server, or the `mlflow ui` command for a local store; in MLflow 3's "Model
+    training" view, which its UI takes from the page's `workflowType`, not from the experiment's kind (3.17.2)."""
     uri = mlflow.get_tracking_uri()
-    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" + ("?workflowType=machine_learning" if LOGGED_MODELS else "")
     if _is_server(uri):
         return f"{uri.rstrip('/')}/{page}"
     return f"mlflow ui --backend-store-uri {uri}  →  http://127.0.0.1:5000/{page}"
@@ -176,6 +253,11 @@ def under_mlflow_run() -> bool:
     return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
+# The experiment tag MLflow 3's UI reads and writes for an experiment's kind (its experiment-kind selector; the demo
+# sets "genai_development"): mlflow/server/js/build/static/js (ExperimentKind, "mlflow.experimentKind").
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def set_experiment(name: str) -> str:
     """Activate experiment `name`, creating it if needed, and return its id. Safe when many devices create it
     at once (mlflow.set_experiment can then leave a loser in 'Default'); offline, artifacts live beside the database."""
@@ -184,14 +266,34 @@ def set_experiment(name: str) -> str:
     if experiment is None:
         location = (offline_dir() / "artifacts" / name).as_uri() if mlflow.get_tracking_uri() == offline_uri() else None
         try:
-            client.create_experiment(name, artifact_location=location)
+            client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
         except mlflow.exceptions.MlflowException:  # another device created it first
             pass
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise PtqError(f"could not create or find experiment {name!r} on {mlflow.get_tracking_uri()}")
+    if KIND_TAG not in experiment.tags:  # made before ptq declared its kind, or by someone else
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return str(experiment.experiment_id)
+
+
+def mark_model_experiment(client: MlflowClient, experiment_id: str) -> None:
+    """Declare an experiment that holds ptq runs one of model development (MLflow 3's "Machine learning" kind, not
+    GenAI), unless someone chose its kind already (`mlflow run` files runs in experiments ptq did not create)."""
+    if KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+
+
+# MLflow's own run names (mlflow/utils/name_utils.py: predicate-noun-number), which ptq replaces with its own
+_GENERATED_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,4}")
+
+
+def name_run(client: MlflowClient, run_id: str, name: str) -> None:
+    """Give a run that `mlflow run` opened (MLflow's random name, e.g. gentle-snake-11) ptq's name for it; a name
+    the user chose (`mlflow run --run-name`) stays."""
+    if _GENERATED_NAME.fullmatch(client.get_run(run_id).info.run_name or ""):
+        client.set_tag(run_id, "mlflow.runName", name)  # as `mlflow run --run-name` names it (mlflow/projects/__init__.py), MLflow 2 too
 
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -321,6 +423,7 @@ def new_params(run_id: str, params: dict[str, str]) -> dict[str, str]:
 
 
 PROCESS_TAG = "ptq.process"  # the process that owns a RUNNING run, to close it if that process is gone
+TEMP_TAG = "ptq.temp_dir"  # that process's work folder for the run (temp_prefix), removed when the run is closed for it
 PARTIAL_TAG = "ptq.partial_of"  # offline: the server run it continues after the server was lost
 
 
@@ -338,8 +441,30 @@ def process_alive(ident: str) -> bool:
         return False
 
 
+def temp_prefix() -> str:
+    """The prefix of a run's work folder in the temp dir: `ptq-run-<pid>-`, so that whoever closes the run of a dead
+    process knows the folder was that process's."""
+    return f"ptq-run-{os.getpid()}-"
+
+
+def _remove_work_folder(run: Run) -> None:
+    """Remove the work folder (TEMP_TAG) of a run whose process is gone, if it is still there and named for that process."""
+    folder, pid = run.data.tags.get(TEMP_TAG), run.data.tags.get(PROCESS_TAG, "").split(":")[0]
+    if folder and pid and Path(folder).name.startswith(f"ptq-run-{pid}-") and Path(folder).is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s, the work folder of run %s", folder, run.info.run_id)
+
+
+def close_dead_run(client: MlflowClient, run: Run, status: str, why: str) -> None:
+    """Close a run whose process is gone as `status` with `why` as its error, and remove that process's work folder."""
+    client.set_tag(run.info.run_id, "ptq.error", why)
+    client.set_terminated(run.info.run_id, status)
+    _remove_work_folder(run)
+
+
 def close_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
-    """Runs of this machine left RUNNING by a process that is gone (SIGKILL, power loss, a native crash) end KILLED."""
+    """Runs of this machine left RUNNING by a process that is gone (SIGKILL, power loss, a native crash) end KILLED;
+    their work folders go too."""
     if not experiment_ids:
         return []
     query = f"attributes.status = 'RUNNING' and tags.`device.machine_id` = '{machine_id()}'"
@@ -348,11 +473,97 @@ def close_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[st
         owner = stale.data.tags.get(PROCESS_TAG)
         if owner is None or process_alive(owner):
             continue
-        client.set_tag(stale.info.run_id, "ptq.error", f"process {owner.split(':')[0]} ended without closing the run (SIGKILL, power loss or a crash)")
-        client.set_terminated(stale.info.run_id, "KILLED")
+        close_dead_run(client, stale, "KILLED", f"process {owner.split(':')[0]} ended without closing the run (SIGKILL, power loss or a crash)")
         log.warning("run %s was left RUNNING by a process that is gone: marked KILLED", stale.info.run_id)
         closed.append(stale.info.run_id)
     return closed
+
+
+def close_left_running(client: MlflowClient, experiment_id: str, query: str, status: str, why: str) -> None:
+    """Close the RUNNING runs that `query` finds (a sweep's child whose process it stopped or lost) as `status`
+    with `why` as their error, removing their work folders."""
+    for run in client.search_runs([experiment_id], f"{query} and attributes.status = 'RUNNING'"):
+        close_dead_run(client, run, status, why)
+        log.warning("run %s %s (%s)", run.info.run_id, status, why)
+
+
+CLAIM_TAG = "ptq.claim"  # `<ms since epoch>:<machine id>:<pid>:<start>` of the process that created a run to do its work
+HEARTBEAT_TAG = "ptq.heartbeat"  # seconds since epoch: the claimer's last sign of life, for claimers on other machines
+CLAIM_STALE_S = 600.0  # a claim from another machine with no heartbeat for this long is the claim of a dead process
+
+
+def beat(client: MlflowClient, run_id: str) -> None:
+    """Renew the claim on `run_id` (other machines cannot see whether its claimer's process lives)."""
+    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+
+
+def _claim_time(run: Run) -> int:
+    """When the run's claim was made (ms); 0 for a run made without one (it was there first)."""
+    try:
+        return int(run.data.tags.get(CLAIM_TAG, "0").split(":")[0])
+    except ValueError:
+        return 0
+
+
+def claim_order(run: Run) -> tuple[int, str]:
+    """The order in which claims win: the earliest claim, then the smallest run id."""
+    return _claim_time(run), run.info.run_id
+
+
+def claim_alive(run: Run) -> bool:
+    """Whether the claim on a RUNNING run still holds: its claimer's process lives (this machine), or it beat
+    within CLAIM_STALE_S (another machine)."""
+    stamp = run.data.tags.get(CLAIM_TAG, "")
+    parts = stamp.split(":", 2)
+    if len(parts) != 3:
+        return False
+    if parts[1] == machine_id():
+        return process_alive(parts[2])
+    try:
+        last = max(_claim_time(run) / 1000, float(run.data.tags.get(HEARTBEAT_TAG, "0")))
+    except ValueError:
+        return False
+    return time.time() - last < CLAIM_STALE_S
+
+
+def logged_models(client: Any, experiment_id: str, run_id: str) -> list[Any]:
+    """The logged models that run `run_id` produced (none with MLflow 2, whose models are among the run's artifacts)."""
+    if not LOGGED_MODELS:
+        return []
+    return list(client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'", max_results=1000))
+
+
+def discard_run(client: MlflowClient, run_id: str, why: str) -> None:
+    """Soft-delete a run (a lost claim, an attempt cut off or superseded) with its logged models; KILLED first
+    if it is RUNNING, so the trash holds nothing RUNNING. A rival that discarded it already is no error."""
+    with suppress(MlflowException):
+        run = client.get_run(run_id)
+        for model in logged_models(client, run.info.experiment_id, run_id):
+            client.delete_logged_model(model.model_id)  # type: ignore[attr-defined]
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "ptq.error", why)
+            client.set_terminated(run_id, "KILLED")
+        if run.info.lifecycle_stage != "deleted":
+            client.delete_run(run_id)
+
+
+def claim_run(
+    client: MlflowClient, experiment_id: str, key_tag: str, key: str, tags: dict[str, str], stands: Callable[[Run], bool],
+    run_name: str | None = None, start_time: int | None = None,
+) -> tuple[str, bool]:
+    """Create a run tagged `key_tag`=`key` and claimed by this process (claim time, machine, process) in one request,
+    then search again: of this run and the others with that key that `stands` accepts, the earliest claim (then the
+    smallest run id) wins, and this run is discarded if it is not it. Return (the winner's id, whether it is this run).
+    Two claimers never both win: the later one's search sees the earlier's claim (up to the machines' clock skew)."""
+    stamp = f"{int(time.time() * 1000)}:{machine_id()}:{process_id()}"
+    mine = client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags={**tags, key_tag: key, CLAIM_TAG: stamp})
+    found = client.search_runs([experiment_id], f"tags.`{key_tag}` = '{key}'", max_results=1000)
+    rivals = [r for r in found if r.info.run_id != mine.info.run_id and stands(r)]
+    winner = min([mine, *rivals], key=claim_order)
+    if winner is not mine:
+        discard_run(client, mine.info.run_id, f"run {winner.info.run_id} had claimed {key_tag}={key} first")
+        return winner.info.run_id, False
+    return mine.info.run_id, True
 
 
 def _model_folder(folder: Path, meta: Model, path: Path, model_type: str, files: tuple[Path, ...]) -> None:
@@ -393,6 +604,9 @@ def _onnx_signature(model: onnx.ModelProto) -> ModelSignature:
 
     weights = {w.name for w in model.graph.initializer}
     return ModelSignature(schema([v for v in model.graph.input if v.name not in weights]), schema(model.graph.output))
+
+
+T = TypeVar("T")
 
 
 class Recorder:
@@ -451,6 +665,17 @@ class Recorder:
     def end(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
         self._write("end", status)
+
+    def call(self, fn: Callable[[MlflowClient, str], T]) -> T:
+        """`fn(client, experiment id)` against this run's store (a sweep's searches and claims); if the tracking
+        server is lost, the run fails over to the offline store and `fn` runs there."""
+        try:
+            return fn(self.client, self.client.get_run(self.run_id).info.experiment_id)
+        except PtqError:
+            raise
+        except Exception:
+            self._recover()
+            return fn(self.client, self.client.get_run(self.run_id).info.experiment_id)
 
     def snapshot(self) -> Run:
         """The run as stored so far (params, tags, latest metrics)."""
@@ -581,22 +806,61 @@ def _permission_checked(uri: str, experiment: str) -> Iterator[None]:
         ) from None
 
 
+def _owner_tags(tags: dict[str, str]) -> dict[str, str]:
+    """What makes a run closable, with its work folder removable, by whoever finds it left RUNNING by a dead process."""
+    return {PROCESS_TAG: process_id(), "device.machine_id": machine_id(), **({TEMP_TAG: tags[TEMP_TAG]} if TEMP_TAG in tags else {})}
+
+
+def _parent_experiment(client: MlflowClient, parent: str, experiment: str) -> str:
+    """The experiment of run `parent`. Offline, a sweep's child can start before its sweep noticed the server was
+    lost: its parent is then on the server, so the experiment is found by name (`ptq sync` keeps the link)."""
+    try:
+        return str(client.get_run(parent).info.experiment_id)
+    except MlflowException:
+        if client.tracking_uri != offline_uri():
+            raise
+        return set_experiment(experiment)
+
+
+def _adopt(client: MlflowClient, run_id: str, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
+    """Take over run `run_id` that another process created for this one (a sweep's claimed combination, a resumed
+    sweep's parent): RUNNING, named `run_name`, owned by this process; (run id, experiment id). If this process
+    went offline since, a new offline run continues it (tag ptq.partial_of, which `ptq sync` completes)."""
+    try:
+        experiment_id = str(client.get_run(run_id).info.experiment_id)
+    except MlflowException:
+        if client.tracking_uri != offline_uri():
+            raise
+        experiment_id = set_experiment(experiment)
+        return client.create_run(experiment_id, run_name=run_name, tags={**_owner_tags(tags), PARTIAL_TAG: run_id}).info.run_id, experiment_id
+    client.update_run(run_id, status="RUNNING", name=run_name)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _owner_tags(tags).items()])
+    return run_id, experiment_id
+
+
 @contextmanager
-def run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[Recorder]:
-    """Open a run (a child of `parent_run_id` or of the active run in a sweep; the project run under `mlflow run`)
-    and yield its Recorder; on error it ends FAILED (KILLED on Ctrl-C, SIGTERM, SIGHUP) with the error, keeping
-    all logged so far. Runs this machine left RUNNING in that experiment by a dead process are closed first."""
+def run(
+    experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None = None, run_id: str | None = None
+) -> Iterator[Recorder]:
+    """Open a run (a child of `parent_run_id` or of the active run in a sweep; the project run under `mlflow run`, then
+    named `run_name`; run `run_id` if another process created it for this one) and yield its Recorder; on error it
+    ends FAILED (KILLED on Ctrl-C, SIGTERM, SIGHUP) with the error, keeping all logged so far. Runs this machine left
+    RUNNING in that experiment by a dead process are closed first, with their work folders (tag TEMP_TAG)."""
     client = MlflowClient()
     parent = parent_run_id or (active.info.run_id if (active := mlflow.active_run()) else None)
     with _permission_checked(client.tracking_uri, experiment):
-        if under_mlflow_run() and parent is None:
+        if run_id is not None:
+            run_id, experiment_id = _adopt(client, run_id, experiment, run_name, tags)
+        elif under_mlflow_run() and parent is None:
             run_id = os.environ["MLFLOW_RUN_ID"]
             experiment_id = client.get_run(run_id).info.experiment_id
             experiment = client.get_experiment(experiment_id).name
+            name_run(client, run_id, run_name)
         else:
-            experiment_id = client.get_run(parent).info.experiment_id if parent else set_experiment(experiment)
-            owner = {PROCESS_TAG: process_id(), "device.machine_id": machine_id()}  # from the first moment: closable if we die
-            run_id = client.create_run(experiment_id, run_name=run_name, tags=owner).info.run_id
+            experiment_id = _parent_experiment(client, parent, experiment) if parent else set_experiment(experiment)
+            # from the first moment: closable, with its work folder removable, if we die
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=_owner_tags(tags)).info.run_id
+        mark_model_experiment(client, experiment_id)  # also where `mlflow run` (a sweep's parent too) filed the run
         close_stale_runs(client, [experiment_id])
         rec = Recorder(client, run_id, experiment, run_name)
         run_tags = {**fingerprint(), **offline_tags(), **tags, PROCESS_TAG: process_id()}
@@ -608,7 +872,7 @@ def run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, 
         yield rec
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        why = disk.explain_full(exc) or (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         try:
             rec.tags({"ptq.error": why[:5000]})
             rec.text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), "error.txt")

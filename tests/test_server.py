@@ -88,8 +88,9 @@ def assert_complete(client: MlflowClient, run_id: str, with_monitor: bool = Fals
     for metric in ("size/fp32_bytes", "size/model_bytes", "latency/p50_ms", "compress/total_s"):
         assert metric in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"model", "summary.md", "latency.csv", "split.json"} <= arts
-    assert client.list_artifacts(run_id, "model")
+    assert {"summary.md", "latency.csv", "split.json"} <= arts
+    logged = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+    assert sorted(m.name for m in logged) == sorted({"fp32-onnx", f"{run.data.params['precision']}-onnx"})  # the models, stored once on the server
     if with_monitor:
         history = client.get_metric_history(run_id, "system/ptq_process_rss_megabytes")
         assert len(history) >= 2 and sorted(m.step for m in history) == list(range(len(history)))  # each sample once, none copied twice
