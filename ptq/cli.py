@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ptq import doctor, models, pipeline, summary, tracking
+from ptq import doctor, models, pipeline, prequantize, summary, tracking
 from ptq import report as reports
 from ptq import sensitivity as sensitivities
 from ptq import sweep as sweeps
@@ -128,6 +128,7 @@ def run(
     min_queries: Annotated[int, typer.Option(help="Timed queries per model, at least")] = RunConfig.min_queries,
     min_duration_s: Annotated[float, typer.Option(help="Timed seconds per model, at least")] = RunConfig.min_duration_s,
     blocks: Annotated[int, typer.Option(help="Blocks per model, alternating with the FP32 reference, at least")] = RunConfig.blocks,
+    latency_process: Annotated[str, typer.Option(help="Where latency is timed: inprocess, or worker (a lean process per model holding only the runtime and the model)")] = RunConfig.latency_process,
     input_size: Annotated[int, typer.Option(help="Input side for model=*.onnx; 0 = 224")] = 0,
     mean: Annotated[str, typer.Option(help="Per-channel mean for model=*.onnx, e.g. 0.5,0.5,0.5")] = "",
     std: Annotated[str, typer.Option(help="Per-channel std for model=*.onnx")] = "",
@@ -294,7 +295,7 @@ def tune(
 
 @app.command()
 def report(
-    experiments: Annotated[str, typer.Option(help="Comma-separated MLflow experiments to read")] = "ptq",
+    experiments: Annotated[str, typer.Option(help="Comma-separated MLflow experiments to read; empty: every experiment that holds ptq runs")] = "",
     device: Annotated[str, typer.Option(help="Only runs of this device (its device.name or host name)")] = "",
     model: Annotated[str, typer.Option(help="Only this model")] = "",
     precision: Annotated[str, typer.Option(help="Only this precision")] = "",
@@ -302,13 +303,15 @@ def report(
 ) -> None:
     """Tables, plots and statistics across devices, models and precisions; also logged as a report run."""
     result = reports.build(_names(experiments), out, device, model, precision)
+    console.print(f"runs read from experiments {result.experiments}", soft_wrap=True, highlight=False)
     console.print(f"{len(result.table)} configurations -> {out}/report.md, runs.csv and {sum(f.suffix == '.png' for f in result.files)} plots")
 
 
 @app.command("sync")
 def sync_runs(target: Annotated[str, typer.Option(help="Server URI; default: the one each offline run was meant for")] = "") -> None:
-    """Upload runs recorded while the tracking server was unreachable; running it twice uploads nothing twice."""
-    result = syncs.sync(target or None)
+    """Upload runs recorded while the tracking server was unreachable; running it twice, or twice at once, uploads nothing twice."""
+    with _stopped_by_signal():
+        result = syncs.sync(target or None)
     console.print(f"uploaded {len(result.uploaded)}, already there {len(result.already)}, still running {len(result.waiting)}")
 
 
@@ -323,10 +326,48 @@ def export_model(
     console.print(f"wrote {path}: on the device, `ptq run --model {path.name} ...` prepares images as here", soft_wrap=True, highlight=False)
 
 
+@app.command("quantize")
+def quantize_model(
+    model: Annotated[str, typer.Option(help="Alias (lite0, mob-s, d201...), torchvision name or FP32 .onnx file")],
+    out: Annotated[Path, typer.Option(help="The QDQ .onnx file to write (its FP32 model and record go beside it)")],
+    backend: Annotated[str, typer.Option(help="What the QDQ model is for: tensorrt (TensorRT's Q/DQ rules) or ort")] = "tensorrt",
+    data: Annotated[Optional[Path], typer.Option(help="Image folder to calibrate on (default: $PTQ_DATA)")] = None,
+    calib_size: Annotated[int, typer.Option(help="Calibration images, taken as a run takes them (seeded split)")] = 100,
+    split_seed: Annotated[int, typer.Option(help="Seed of the calibration/evaluation split")] = 0,
+    weights: Annotated[str, typer.Option(help="pretrained or random")] = "pretrained",
+    calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile")] = "minmax",
+) -> None:
+    """Write an explicit-INT8 (QDQ) model on a host without TensorRT or GPU; a device runs it with `ptq run --model FILE`
+    and calibrates nothing."""
+    folder = data or (Path(os.environ["PTQ_DATA"]) if os.environ.get("PTQ_DATA") else None)
+    if folder is None:
+        raise PtqError("no image data given: pass --data PATH (or set PTQ_DATA) to calibrate on")
+    path = prequantize.write(model, backend, folder, out, calib_size, split_seed, weights, calib_method)
+    console.print(
+        f"wrote {path}, {path.stem}.fp32.onnx and {path.stem}.json: copy them together; on the device, "
+        f"`ptq run --model {path.name} --precision int8 --backend {backend} --calib-size {calib_size} --split-seed {split_seed}`",
+        soft_wrap=True, highlight=False,
+    )
+
+
 @app.command("doctor")
-def doctor_command(root: Annotated[Path, typer.Option(help="Read the board's files under this folder instead of / (a captured layout)")] = Path("/")) -> None:
+def doctor_command(
+    root: Annotated[Path, typer.Option(help="Read the board's files under this folder instead of / (a captured layout)")] = Path("/"),
+    check: Annotated[bool, typer.Option("--check", help="Field check: read every source, compare sysfs with tegrastats, build --model with TensorRT at fp32/fp16/int8, write --out")] = False,
+    out: Annotated[Path, typer.Option(help="The field check's report (JSON) to attach to an issue")] = Path("ptq_field_check.json"),
+    model: Annotated[Optional[Path], typer.Option(help="Field check: the FP32 ONNX to build (`ptq export --model lite0 --out lite0.onnx` on a host)")] = None,
+) -> None:
     """What this device can measure before a study: versions, backends, power/GPU/thermal sources, power mode and
     clocks, memory and disk, and what would make numbers unreliable."""
+    if check:
+        from ptq import field_check
+
+        if model is not None and not model.is_file():
+            raise PtqError(f"--model {model} is not a file: export one on a host (`ptq export --model lite0 --out lite0.onnx`) and copy it here")
+        for line in field_check.summary_lines(field_check.run_check(root, model, out)):
+            Console().print(line, soft_wrap=True, highlight=False, markup=False)
+        Console().print(f"wrote {out}: attach it to an issue", soft_wrap=True, highlight=False)
+        return
     checks = doctor.diagnose(root)
     Console().print(doctor.render(checks))
     warned = doctor.warnings_for_run(checks)

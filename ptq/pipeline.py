@@ -8,15 +8,16 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from ptq import bench, data, disk, doctor, export, models, quantize, summary, tracking
-from ptq.backends import Backend, Compressed, CompressJob, get_backend
+from ptq import bench, data, disk, doctor, export, models, prequantize, quantize, summary, tracking, worker
+from ptq.backends import Backend, Compressed, CompressJob, Session, get_backend
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 from ptq.monitor import Monitor
@@ -29,10 +30,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-    """Execute one run (a child of `parent_run_id` in a sweep) and return its MLflow run id. Bad input fails before the run starts."""
+def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None, run_id: str | None = None) -> str:
+    """Execute one run (a child of `parent_run_id` in a sweep, as run `run_id` if the sweep claimed one for it) and return
+    its MLflow run id. Bad input fails before the run starts."""
     cfg.validate()
-    spec = models.resolve(cfg.model, cfg.input_size, cfg.mean, cfg.std)
+    spec, qdq = prequantize.resolve(models.resolve(cfg.model, cfg.input_size, cfg.mean, cfg.std), cfg.precision)
     backend = get_backend(cfg.backend)
     backend.check(cfg.precision, onnx_only=spec.build is None)
     if cfg.profile and not backend.profiles:
@@ -41,11 +43,15 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
     if spec.onnx_path is not None:
         export.check_classifier(spec.onnx_path, spec.transform.crop, accuracy=cfg.weights == "pretrained")
         if getattr(options, "keep_float", ()):
+            if qdq is not None:
+                raise PtqError(f"keep_float does not apply to {qdq.path.name}, which is quantized already: quantize its FP32 model in the run instead")
             quantize.check_keep_float(spec.onnx_path, options.keep_float)
     assert cfg.data is not None
     dataset = data.scan(cfg.data)
     split = data.split(len(dataset.files), cfg.calib_size, cfg.eval_size, cfg.split_seed)
-    data.require_readable(dataset, split, dataset.readable, calibrate=cfg.precision == "int8")
+    data.require_readable(dataset, split, dataset.readable, calibrate=cfg.precision == "int8" and qdq is None)
+    if qdq is not None:
+        qdq.check_split([dataset.files[i].name for i in split.eval])
     module = None
     if spec.build:
         import torch
@@ -54,10 +60,12 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
         module = spec.build(cfg.weights)
     tracking.select_store()
     fp32_bytes = spec.onnx_path.stat().st_size if spec.onnx_path is not None else 4 * models.count_params(module)  # type: ignore[arg-type]
-    # temp: fp32, pre-processed, augmented, compressed, and a model folder staged while logging it; store: both models twice
+    # temp: fp32, pre-processed, augmented, compressed, and a model folder staged while logging it; store: both models
     needs = {Path(tempfile.gettempdir()): (5 * fp32_bytes, "or set TMPDIR to a larger disk")}
     if (store := tracking.local_artifact_dir(cfg.experiment)) is not None:
-        needs[store] = (4 * fp32_bytes, "or point MLFLOW_TRACKING_URI at a store on a larger disk")
+        needs[store] = (2 * fp32_bytes, "or point MLFLOW_TRACKING_URI at a store on a larger disk")
+    if (database := disk.database_folder()) is not None:  # every row of the run goes there, artifacts or not
+        needs[database] = (needs.get(database, (0, ""))[0] + disk.DATABASE_BYTES, "or point MLFLOW_TRACKING_URI at a database on a larger disk")
     disk.require_space(needs)
 
     params = {**cfg.params(), "data_hash": dataset.content_hash, "data_images": str(len(dataset.files))}
@@ -67,17 +75,24 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
         "ptq.backend_device": backend.device(),
         **doctor.run_warnings(),
         **{f"version.{k}": v for k, v in backend.versions().items()},
+        **({"ptq.qdq_model": f"{qdq.path.name}, made by ptq quantize ({qdq.record['quantizer']}) from {qdq.fp32.name}", "numerics.qdq": qdq.numerics()} if qdq else {}),
         **(extra_tags or {}),
     }
+    if cfg.eval_size and len(split.eval) < cfg.eval_size:  # the headline says so too (summary.rows)
+        tags["ptq.warning.eval_images"] = (
+            f"only {len(split.eval)} evaluation images of eval_size={cfg.eval_size}: the data folder has {len(dataset.files)} images, {len(split.calib)} of them calibrate"
+        )
+        log.warning(tags["ptq.warning.eval_images"])
     name = f"{spec.name}-{cfg.precision}-{cfg.backend}" + ("-random" if cfg.weights == "random" else "")
     phases = Phases()
-    with tempfile.TemporaryDirectory(prefix="ptq-run-") as tmp, tracking.run(cfg.experiment, name, params, tags, parent_run_id) as rec:
+    # the work folder is named for this process and tagged, so whoever closes the run if this process dies removes it
+    with tempfile.TemporaryDirectory(prefix=tracking.temp_prefix()) as tmp, tracking.run(cfg.experiment, name, params, {**tags, tracking.TEMP_TAG: tmp}, parent_run_id, run_id) as rec:
         monitor = Monitor(cfg.monitor_interval, phases) if cfg.monitor else None
         failed = True
         try:
             if monitor:
                 monitor.start()
-            _execute(cfg, spec, module, backend, options, dataset, split, phases, monitor, rec, Path(tmp))
+            _execute(cfg, spec, module, backend, options, dataset, split, phases, monitor, rec, Path(tmp), qdq.path if qdq else None)
             failed = False
         finally:
             if monitor:
@@ -117,7 +132,7 @@ def _log_monitor(rec: tracking.Recorder, monitor: Monitor, work: Path) -> None:
     rec.series(monitor.points())
     rec.metrics(
         {
-            **monitor.headline("compress", COMPRESS_PHASES, ("peak_rss_mb", "cpu_pct_mean")),
+            **monitor.headline("compress", COMPRESS_PHASES, ("peak_rss_mb", "peak_rss_delta_mb", "cpu_pct_mean")),
             **monitor.headline("latency", ("latency",), ("energy_per_img_j",)),
             **monitor.headline("evaluate", ("evaluate",), ("energy_per_img_j",)),
         }
@@ -144,6 +159,7 @@ def _execute(
     monitor: Monitor | None,
     rec: tracking.Recorder,
     work: Path,
+    qdq_onnx: Optional[Path] = None,
 ) -> None:
     fp32_path = work / "model_fp32.onnx"
     with phases("export"):
@@ -158,8 +174,9 @@ def _execute(
         rec.metrics({"model/params": models.count_params(module)})
 
     with phases("load_data"):
-        tensors = data.load_tensors(dataset, spec.transform, progress=cfg.progress)
+        tensors = data.load_tensors(dataset, spec.transform, progress=cfg.progress, indices=split.calib + split.eval)
     calib_idx, eval_idx = data.usable(dataset, split, tensors, calibrate=cfg.precision == "int8")
+    rec.params({"data_used_hash": tensors.used_hash})  # the split's image content; data_hash names the folder's listing
     rec.tags({"ptq.tensor_cache": "hit" if tensors.from_cache else "miss"})
     skipped = len(split.calib) + len(split.eval) - len(calib_idx) - len(eval_idx)
     rec.metrics({"data/calib_images": len(calib_idx), "data/eval_images": len(eval_idx), "data/skipped_images": skipped})
@@ -171,7 +188,7 @@ def _execute(
         for s in track(starts, total=len(starts), description="calibrate", enabled=cfg.progress):
             yield tensors.batch(calib_idx[s : s + batch_size])
 
-    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, options, phases, work, (cfg.batch_size, max(cfg.batch_size, cfg.eval_batch_size)), cfg.threads_used)
+    job = CompressJob(fp32_path, module, cfg.precision, calib_batches, options, phases, work, (cfg.batch_size, max(cfg.batch_size, cfg.eval_batch_size)), cfg.threads_used, qdq_onnx)
     compressed = backend.compress(job)
     with phases("build"):
         session = backend.open(compressed, cfg.threads_used)
@@ -179,12 +196,14 @@ def _execute(
     sessions = {"": session}
     if cfg.precision != "fp32":  # the reference runs beside the compressed model: same process, same minutes
         with phases("fp32_build"):
-            ref_model = backend.compress(replace(job, precision="fp32", phases=Phases()))
+            ref_model = backend.compress(replace(job, precision="fp32", phases=Phases(), reference=True))
             sessions["fp32_"] = backend.open(ref_model, cfg.threads_used)
         rec.tags({"numerics.fp32": ref_model.numerics})
 
     batch = tensors.batch((eval_idx * cfg.batch_size)[: cfg.batch_size])
-    latency = bench.time_blocks(sessions, batch, cfg.latency(), phases)
+    timed = {"": compressed, **({"fp32_": ref_model} if cfg.precision != "fp32" else {})}
+    with _latency_timers(cfg, sessions, timed, batch, monitor, rec) as timers:
+        latency = bench.time_blocks(timers, batch, cfg.latency(), phases)
     for prefix, lat in latency.items():
         if monitor:
             monitor.count_images(f"{prefix}latency", len(lat.ms) * cfg.batch_size)
@@ -221,6 +240,28 @@ def _execute(
     del sessions, session
 
 
+@contextmanager
+def _latency_timers(
+    cfg: RunConfig, sessions: dict[str, Session], models: dict[str, Compressed], batch: np.ndarray, monitor: Monitor | None, rec: tracking.Recorder
+) -> Iterator[Mapping[str, Session | worker.Timer]]:
+    """Where latency is timed: the run's own sessions, or (latency_process=worker) a lean worker process per model,
+    whose CPU and memory the monitor samples apart from this process's."""
+    if not cfg.latency_in_worker:
+        if cfg.latency_process == "worker":
+            rec.tags({"ptq.latency_process": f"inprocess: backend {cfg.backend} has no worker (its model is a torch module)"})
+        yield sessions
+        return
+    names = {key: "fp32" if key else cfg.precision for key in models}
+    with worker.workers(cfg.backend, models, names, cfg.threads_used, batch) as timers:
+        if monitor:
+            monitor.watch({key: t.pid for key, t in timers.items() if t.pid is not None})
+        try:
+            yield timers
+        finally:
+            if monitor:
+                monitor.watch({})
+
+
 UNSTABLE_SPREAD_PCT = 5.0  # per-block p50s straying more than this: the machine's speed changed during the run
 
 
@@ -241,6 +282,8 @@ def _log_speedup(rec: tracking.Recorder, cfg: RunConfig, reference: bench.Latenc
     speedup = reference.percentiles()[0] / model.percentiles()[0]
     low, high = bench.speedup_ci(reference, model)
     rec.metrics({"speedup/p50": speedup, "speedup/p50_ci95_low": low, "speedup/p50_ci95_high": high})
+    if reference.gpu_ms is not None and model.gpu_ms is not None:  # the device's own time, copies left out (trtexec's GPU compute)
+        rec.metrics({"speedup/gpu_compute_p50": float(np.median(reference.gpu_ms) / np.median(model.gpu_ms))})
     if speedup < 1.0:
         note = f"{cfg.precision} is slower than fp32 here: {speedup:.2f}x the fp32 speed at batch {cfg.batch_size} (95 % CI {low:.2f}-{high:.2f})"
         log.warning(note)
@@ -281,30 +324,35 @@ def _log_models(rec: tracking.Recorder, fp32_path: Path, compressed: Compressed)
 
 
 def _log_compression(rec: tracking.Recorder, phases: Phases, fp32_path: Path, compressed: Compressed) -> None:
-    """Compression times and sizes, the model files under `model/` and as LoggedModels; from here on the run's
-    metrics carry the measured model's id, so MLflow's "Logged models" views compare models by them."""
+    """Compression times and sizes, the models as LoggedModels (each file stored once; read them as `models:/<id>`), an
+    intermediate ONNX graph under `model/`; from here on the run's metrics carry the measured model's id, so MLflow's
+    "Logged models" views compare models by them."""
     times = {f"compress/{p}_s": phases.seconds[p] for p in COMPRESS_PHASES if p in phases.seconds}
     times["compress/total_s"] = sum(times.values())
     size = compressed.path.stat().st_size
     rec.tags({"numerics.model": compressed.numerics, **compressed.tags})
     rec.link_metrics(_log_models(rec, fp32_path, compressed))
     rec.metrics({**times, **compressed.metrics, "size/model_bytes": size, "size/ratio": fp32_path.stat().st_size / size})
-    rec.artifact(fp32_path, "model")
-    if compressed.path != fp32_path:
-        rec.artifact(compressed.path, "model")
     for extra in compressed.artifacts:
-        rec.artifact(extra, "model")
+        if extra.suffix == ".onnx":  # the QDQ graph an engine was built from: a file of no logged model
+            rec.artifact(extra, "model")
 
 
 def _log_latency_samples(rec: tracking.Recorder, work: Path, precision: str, latency: dict[str, bench.Latency]) -> None:
-    """Every timed query with its model and block, for distributions and block-bootstrap intervals."""
+    """Every timed query with its model and block, for distributions and block-bootstrap intervals; its GPU compute
+    time (`gpu_ms`) where the session has a device clock."""
     path = work / "latency.csv"
+    gpu = all(lat.gpu_ms is not None for lat in latency.values())
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["precision", "block", "ms"])
+        writer.writerow(["precision", "block", "ms", *(["gpu_ms"] if gpu else [])])
         for prefix, lat in latency.items():
             name = "fp32" if prefix else precision
-            writer.writerows((name, int(b), f"{v:.4f}") for b, v in zip(lat.block, lat.ms))
+            if gpu:
+                assert lat.gpu_ms is not None
+                writer.writerows((name, int(b), f"{v:.4f}", f"{g:.4f}") for b, v, g in zip(lat.block, lat.ms, lat.gpu_ms))
+            else:
+                writer.writerows((name, int(b), f"{v:.4f}") for b, v in zip(lat.block, lat.ms))
     rec.artifact(path)
 
 

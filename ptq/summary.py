@@ -30,18 +30,32 @@ def rows(params: Mapping[str, str], tags: Mapping[str, str], metrics: Mapping[st
         phases = ", ".join(f"{p} {v:.2f}" for p in COMPRESS_PHASES if (v := m(f"compress/{p}_s")) is not None and v >= 0.005)
         out.append(("compression", f"{total:.2f} s ({phases})"))
     if (peak := m("compress/peak_rss_mb")) is not None:
-        out.append(("peak memory while compressing", f"{peak:.0f} MB"))
+        delta = m("compress/peak_rss_delta_mb")
+        added = f" (+{delta:.0f} MB over its level before compression began: compression's own)" if delta is not None else ""
+        out.append(("peak memory while compressing", f"{peak:.0f} MB process RSS{added}"))  # the process: ptq, libraries, data, model
+    if (calibration := tags.get("tensorrt.calibration")) is not None:  # TensorRT's own calibrator: images fed and dropped
+        out.append(("TensorRT calibration", calibration))
+    if (core := tags.get("tensorrt.dla_core")) is not None:
+        placed = f"core {core}: {tags.get('tensorrt.dla_subgraphs', '?')} DLA subgraphs, {tags.get('tensorrt.gpu_layers', '?')} GPU layers"
+        out.append(("DLA placement", placed + (f" ({tags['tensorrt.dla_fallback']})" if "tensorrt.dla_fallback" in tags else "")))
+    if (shortfall := tags.get("ptq.warning.eval_images")) is not None:  # fewer images evaluated than eval_size asked
+        out.append(("evaluation images", shortfall))
     if (top1 := m("acc/top1")) is not None and (ref := m("acc/fp32_top1")) is not None:
         drop = f"drop {100 * (ref - top1):+.2f} points" if precision != "fp32" else "the reference"
         p = m("acc/top1_drop_p")
         out.append(("top-1, fp32 → model", f"{100 * ref:.2f} % → {100 * top1:.2f} % ({drop}" + (f", McNemar p = {p:.2g})" if p is not None else ")")))
     if (p50 := m("latency/p50_ms")) is not None:
         p99 = m("latency/p99_ms")
-        out.append(("latency p50 / p99", f"{p50:.3f} / {p99:.3f} ms (batch {params.get('batch_size', '?')}, {params.get('threads_used', '?')} threads)"))
+        worker = ", a worker process per model" if params.get("latency_process") == "worker" and "ptq.latency_process" not in tags else ""
+        out.append(("latency p50 / p99", f"{p50:.3f} / {p99:.3f} ms (batch {params.get('batch_size', '?')}, {params.get('threads_used', '?')} threads{worker})"))
     if (speedup := m("speedup/p50")) is not None:
         low, high = m("speedup/p50_ci95_low"), m("speedup/p50_ci95_high")
         ci = f" [95 % CI {low:.2f}-{high:.2f}]" if low is not None and high is not None else ""
         out.append(("speed-up over fp32 (p50)", f"{speedup:.2f}×{ci}, fp32 p50 {m('latency/fp32_p50_ms') or float('nan'):.3f} ms"))
+    if (gpu := m("latency/gpu_compute_p50_ms")) is not None:  # the device's own clock, host copies left out (as trtexec's)
+        fp32_gpu, gpu_speedup = m("latency/fp32_gpu_compute_p50_ms"), m("speedup/gpu_compute_p50")
+        fp32_note = f", fp32 {fp32_gpu:.3f} ms" if fp32_gpu is not None else ""
+        out.append(("GPU compute p50", f"{gpu:.3f} ms{fp32_note}" + (f" ({gpu_speedup:.2f}× speed-up)" if gpu_speedup is not None else "")))
     if (stability := tags.get("ptq.latency_stability")) and stability != "stable":
         out.append(("latency stability", stability))
     for phase in ("latency", "evaluate"):

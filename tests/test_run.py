@@ -14,7 +14,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from ptq import bench, pipeline
+from ptq import bench, pipeline, tracking
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 from ptq.monitor import NvmlSource
@@ -122,8 +122,9 @@ def test_lite0_int8_accuracy_and_drop(lite0_store: str) -> None:
 
 
 def test_lite0_int8_artifacts_and_predictions(lite0_store: str, tmp_path: Path) -> None:
-    assert {"model", "monitor", "predictions.csv", "split.json", "summary.md"} <= artifacts(lite0_store)
-    assert {"model/model_fp32.onnx", "model/model_int8.onnx", "model/calibration_ranges.json"} <= artifacts(lite0_store, "model")
+    assert {"monitor", "predictions.csv", "split.json", "summary.md"} <= artifacts(lite0_store) and "model" not in artifacts(lite0_store)
+    models = tracking.download_models(lite0_store, tmp_path / "models")  # the models, once each: models:/<id>
+    assert {p.name for p in models["int8-onnx"].rglob("*")} >= {"model.onnx", "calibration_ranges.json"} and set(models) == {"fp32-onnx", "int8-onnx"}
     path = mlflow.artifacts.download_artifacts(run_id=lite0_store, artifact_path="predictions.csv", dst_path=str(tmp_path))
     rows = list(csv.DictReader(open(path)))
     run = only_run()
@@ -169,7 +170,8 @@ def test_failure_mid_run_is_marked_failed_and_keeps_what_was_logged(small_dir: P
     assert "evaluation exploded" in run["tags.ptq.error"]
     assert run["metrics.size/fp32_bytes"] > 0 and run["metrics.latency/p50_ms"] > 0
     assert "error.txt" in artifacts(run.run_id)
-    assert "model" in artifacts(run.run_id)
+    logged = mlflow.search_logged_models(experiment_ids=[run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'", output_format="list")
+    assert [m.name for m in logged] == ["fp32-onnx"]  # the model logged before the failure stays
     assert not [t for t in threading.enumerate() if t.name == "ptq-monitor"]  # the sampler died with its run
 
 
