@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import statistics
 import warnings
 import tempfile
@@ -17,6 +19,7 @@ from ptq.phases import Phases
 
 DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-1k"))
 WORK = Path(tempfile.mkdtemp(prefix="ptq-bench-"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)  # every script (and process) that imports this leaves nothing behind
 warnings.filterwarnings("ignore")  # exporter and quantizer deprecation notices would bury the numbers
 
 

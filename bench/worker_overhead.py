@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import DATA, WORK, batched, exported, int8  # noqa: E402
+from bench.common import DATA, batched, exported, int8  # noqa: E402
 from ptq import bench, data, worker  # noqa: E402
 from ptq.backends import Compressed  # noqa: E402
 from ptq.backends.ort import open_session  # noqa: E402
@@ -81,10 +80,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=100, help="calibration images of the INT8 models")
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args()
-    try:
-        verdicts = [measure(m, MODELS[m], args) for m in args.models.split(",")]
-    finally:
-        shutil.rmtree(WORK, ignore_errors=True)
+    verdicts = [measure(m, MODELS[m], args) for m in args.models.split(",")]
     switch = all(verdicts)
     verdict = "within it on every model: make latency_process=worker the default" if switch else "over it somewhere: keep inprocess"
     print(f"goal: the worker within {100 * (GOAL - 1):.0f} % of in-process; {verdict}")
