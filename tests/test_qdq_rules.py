@@ -45,7 +45,7 @@ def small_cnn(path: Path) -> Path:
         nodes, "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
 
 
@@ -106,7 +106,7 @@ def _qdq_graph(zero_point: np.ndarray, scale: np.ndarray, axis: int = 1, on_outp
         nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 4, 4])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 4, 4])], [_init("s", scale), _init("zp", zero_point)],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_weight_rules_axis_and_tensorrt8_initializers() -> None:
             [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 4, 4])],
             [_init("w", w), _init("s", np.full(4 if axis == 0 else 2, 0.1, np.float32)), _init("zp", np.zeros(4 if axis == 0 else 2, np.int8))],
         )
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
     assert qdq_rules.violations(model(0), tensorrt_major=10) == []
     assert qdq_rules.violations(model(0), tensorrt_major=8) == ["DequantizeLinear wdq: int8 weight initializer feeding DQ (TensorRT 8 wants float weights behind Q -> DQ)"]
