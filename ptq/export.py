@@ -47,14 +47,17 @@ def to_onnx(module: nn.Module, crop: int, path: Path) -> Path:
 PREPROCESSING = "ptq.preprocessing"  # metadata key: how images must be prepared for this model (JSON)
 
 
-def stamp(path: Path, preprocessing: dict[str, Any]) -> None:
+def stamp(path: Path, preprocessing: dict[str, Any], extra: dict[str, str] | None = None) -> None:
     """Write the model's eval preprocessing (and name) into the ONNX file's metadata, so a device that runs the file
-    alone (`model=path.onnx`, no torch) prepares images exactly as torchvision did on the host."""
+    alone (`model=path.onnx`, no torch) prepares images exactly as torchvision did on the host; `extra` metadata
+    (key -> text) goes in with it, in the same write."""
+    values = {PREPROCESSING: json.dumps(preprocessing, sort_keys=True), **(extra or {})}
     model = onnx.load(str(path))
-    kept = [p for p in model.metadata_props if p.key != PREPROCESSING]
+    kept = [p for p in model.metadata_props if p.key not in values]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
-    model.metadata_props.add(key=PREPROCESSING, value=json.dumps(preprocessing, sort_keys=True))
+    for key, value in values.items():
+        model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
 
 

@@ -115,8 +115,8 @@ def write(
         "qdq_rules": "TensorRT's Q/DQ rules: pass" if backend == "tensorrt" else "not checked (made for ONNX Runtime)",
         "versions": {"python": platform.python_version(), "onnx": onnx.__version__, **_ort_version()},
     }
-    export.stamp(out, {"model": spec.name, **spec.transform.as_dict()})
-    _set_metadata(out, QDQ_KEY, json.dumps({k: record[k] for k in ("fp32", "fp32_sha256", "numerics", "calib_size", "split_seed", "calib_images", "quantizer")}))
+    reference = {k: record[k] for k in ("fp32", "fp32_sha256", "numerics", "calib_size", "split_seed", "calib_images", "quantizer")}
+    export.stamp(out, {"model": spec.name, **spec.transform.as_dict()}, {QDQ_KEY: json.dumps(reference)})
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     return out
 
@@ -125,15 +125,6 @@ def _ort_version() -> Dict[str, str]:
     import onnxruntime
 
     return {"onnxruntime": onnxruntime.__version__}
-
-
-def _set_metadata(path: Path, key: str, value: str) -> None:
-    model = onnx.load(str(path))
-    kept = [p for p in model.metadata_props if p.key != key]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
 
 
 def read(path: Path) -> Optional[QdqModel]:
