@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ptq import bench, data, export, models, quantize
+from ptq import bench, data, export, models
+
+from ptq.quantizers import ort as quantize
 from ptq.backends import Session
 from ptq.phases import Phases
 

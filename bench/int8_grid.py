@@ -17,7 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import batched, exported, int8, tensors_for  # noqa: E402
-from ptq import bench, data, quantize  # noqa: E402
+from ptq import bench, data  # noqa: E402
+from ptq.quantizers import ort as quantize  # noqa: E402
 from ptq.backends.ort import open_session  # noqa: E402
 
 METHODS = ("minmax", "entropy", "percentile")

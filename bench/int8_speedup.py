@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import alternate, calib_batches, exported, int8, p50, tensors_for  # noqa: E402
-from ptq import bench, quantize  # noqa: E402
+from ptq import bench  # noqa: E402
+from ptq.quantizers import ort as quantize  # noqa: E402
 from ptq.backends.ort import open_session  # noqa: E402
 
 ITERS, ROUNDS, THREADS = 100, 3, 2

@@ -17,7 +17,8 @@ from onnxruntime.quantization import quant_pre_process, quantize_static
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import WORK, alternate, calib_batches, exported, int8, p50, report, tensors_for  # noqa: E402
-from ptq import bench, export, quantize  # noqa: E402
+from ptq import bench, export  # noqa: E402
+from ptq.quantizers import ort as quantize  # noqa: E402
 from ptq.backends.ort import open_session  # noqa: E402
 
 ITERS, ROUNDS = 300, 5
@@ -50,7 +51,7 @@ def main() -> None:
     ptq_p50, ref_p50 = alternate(ROUNDS, lambda: p50(harness, x, ITERS), bare_p50)
     report("latency p50, lite0 int8, batch 1", ptq_p50, ref_p50, "ms", "<= 1.02")
 
-    # 2. compression: ptq.quantize.to_int8 vs the two ORT calls it wraps, same model, data and options
+    # 2. compression: ptq.quantizers.ort.to_int8 vs the two ORT calls it wraps, same model, data and options
     o = quantize.QuantOptions()
 
     def ptq_compress() -> float:

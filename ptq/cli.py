@@ -20,13 +20,14 @@ from rich.logging import RichHandler
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ptq import doctor, models, pipeline, prequantize, summary, tracking
+from ptq import doctor, models, pipeline, prequantize, quantizers, summary, tracking
 from ptq import report as reports
 from ptq import sensitivity as sensitivities
 from ptq import sweep as sweeps
 from ptq import sync as syncs
 from ptq import tune as tunes
-from ptq.backends import BACKENDS, format_value, options_class, user_options
+from ptq.backends import BACKENDS, options_class
+from ptq.options import format_value, user_options
 from ptq.config import RunConfig
 from ptq.errors import PtqError, stop_on_signals
 
@@ -70,20 +71,21 @@ def _config(params: Dict[str, Any]) -> RunConfig:
 
 
 def backend_option_flags() -> Dict[str, inspect.Parameter]:
-    """One `--flag` per option of any backend, from the backends' Options dataclasses (help and default there);
-    unset (None or "", as MLproject passes it) means the backend's default."""
+    """One `--flag` per option of any backend or quantizer, from their Options dataclasses (help and default there);
+    unset (None or "", as MLproject passes it) means the owner's default."""
     owners: Dict[str, List[str]] = {}
     fields: Dict[str, dataclasses.Field] = {}  # type: ignore[type-arg]
-    for backend in BACKENDS:
-        for f in user_options(options_class(backend)):
-            owners.setdefault(f.name, []).append(backend)
+    members = [(b, options_class(b)) for b in BACKENDS] + [(f"quantizer {q}", quantizers.options_class(q)) for q in quantizers.QUANTIZERS]
+    for owner, options in members:
+        for f in user_options(options):
+            owners.setdefault(f.name, []).append(f"{owner}: {format_value(f.default) or 'none'}")
             fields.setdefault(f.name, f)
     return {
         name: inspect.Parameter(
             name,
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
-            annotation=Annotated[Optional[str], typer.Option(help=f"{f.metadata['help']} ({', '.join(owners[name])}; default: {format_value(f.default) or 'none'})", show_default=False)],
+            annotation=Annotated[Optional[str], typer.Option(help=f"{f.metadata['help']} (default {'; '.join(owners[name])})", show_default=False)],
         )
         for name, f in fields.items()
     }
@@ -116,6 +118,7 @@ def run(
     model: Annotated[str, typer.Option(help="Alias (mob-s, r50, d201, lite0...), torchvision name, or path to an .onnx file")],
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8")] = "int8",
     backend: Annotated[str, typer.Option(help="ort (ONNX Runtime CPU), torch or tensorrt")] = "ort",
+    quantizer: Annotated[str, typer.Option(help="INT8 technique: ort (the backend's own), nncf, quark or aimet (each in its environment: ptq env NAME)")] = "ort",
     weights: Annotated[str, typer.Option(help="pretrained, or random to characterize the architecture only")] = "pretrained",
     data: Annotated[Optional[Path], typer.Option(help="ImageNet-style or flat <wnid>_*.JPEG folder [env: PTQ_DATA]")] = None,
     calib_size: Annotated[int, typer.Option(help="Images used for calibration (disjoint from evaluation)")] = 100,
@@ -141,7 +144,7 @@ def run(
 ) -> None:
     """Quantize, evaluate and benchmark one model; log everything to MLflow.
 
-    Backend options (--calib-method, --workspace-mb, ...) apply to the backends named in their help."""
+    Backend and quantizer options (--calib-method, --workspace-mb, --adaround, ...) apply to those named in their help."""
     cfg = _config(locals())
     with _stopped_by_signal(), _stdout_to_stderr() as stdout:
         run_id = pipeline.run(cfg)
@@ -204,8 +207,9 @@ def sweep(
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions")] = "fp32,fp16,int8",
     backends: Annotated[str, typer.Option(help="Comma-separated backends")] = "ort",
     calib_methods: Annotated[str, typer.Option(help="Comma-separated INT8 calibration methods (default: the backend's)")] = "",
+    quantizers_: Annotated[str, typer.Option("--quantizers", help="Comma-separated INT8 techniques, each quantizer[+option[=value]...]: ort,nncf+bias_correction=full,quark+adaround")] = "",
 ) -> None:
-    """Run a grid of models x precisions x backends as child runs of one parent run; resumable.
+    """Run a grid of models x precisions x backends (x quantizers) as child runs of one parent run; resumable.
 
     Every other `ptq run` option (--weights, --data, --calib-size, --min-queries, ...) applies to all its runs.
     """
@@ -214,7 +218,7 @@ def sweep(
     grid_models = [*sweeps.PRESETS.get(preset, ()), *_names(models_)]
     base = _run_config(ctx.args, model=grid_models[0] if grid_models else "", precision="fp32", backend="ort")
     with _stopped_by_signal(), _stdout_to_stderr():
-        result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), _names(calib_methods))
+        result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), _names(calib_methods), _names(quantizers_))
     table = Table(*summary.SWEEP_COLUMNS, title=f"sweep {result.parent_run_id}", title_justify="left")
     for child in tracking.child_runs(result.parent_run_id):
         table.add_row(*summary.sweep_row(child.data.params, child.data.metrics, child.info.status))
@@ -273,6 +277,7 @@ def tune(
     activation_types: Annotated[str, typer.Option(help="Activation types to try: uint8,int8")] = "uint8",
     keep_float: Annotated[str, typer.Option("--keep-float-counts", help="How many of the nodes sensitivity ranks first to keep in float")] = "0,1,2,4,8",
     exhaustive: Annotated[bool, typer.Option(help="Run every candidate and pick the fastest within budget (to see what the guided search saves)")] = False,
+    quantizers_: Annotated[str, typer.Option("--quantizers", help="Toolkit techniques to try too, comma-separated: nncf+bias_correction=full,quark+adaround")] = "",
 ) -> None:
     """Find the fastest INT8 configuration whose paired top-1 drop stays within --max-drop; each trial a child run.
 
@@ -282,7 +287,7 @@ def tune(
         counts = [int(k) for k in _names(keep_float)]
     except ValueError:
         raise PtqError(f"--keep-float-counts {keep_float!r} must be whole numbers, e.g. 0,1,2,4,8") from None
-    candidates = tunes.space(_names(calib_methods), [_bool("per_channel", v) for v in _names(per_channel)], _names(activation_types), counts)
+    candidates = tunes.space(_names(calib_methods), [_bool("per_channel", v) for v in _names(per_channel)], _names(activation_types), counts, _names(quantizers_))
     with _stopped_by_signal(), _stdout_to_stderr() as stdout:
         result = tunes.search(cfg, max_drop, candidates, exhaustive)
         table = Table("trial", "configuration", "top-1 drop (pt)", "p50 (ms)", "speed-up", "s", "within", title=f"tune run {result.parent_run_id}", title_justify="left")
@@ -335,19 +340,32 @@ def quantize_model(
     calib_size: Annotated[int, typer.Option(help="Calibration images, taken as a run takes them (seeded split)")] = 100,
     split_seed: Annotated[int, typer.Option(help="Seed of the calibration/evaluation split")] = 0,
     weights: Annotated[str, typer.Option(help="pretrained or random")] = "pretrained",
-    calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile")] = "minmax",
+    calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile (quantizer ort)")] = "minmax",
+    quantizer: Annotated[str, typer.Option(help="The technique: ort, or a toolkit's spec such as quark+adaround+iterations=50 (see ptq sweep --quantizers)")] = "ort",
 ) -> None:
     """Write an explicit-INT8 (QDQ) model on a host without TensorRT or GPU; a device runs it with `ptq run --model FILE`
     and calibrates nothing."""
     folder = data or (Path(os.environ["PTQ_DATA"]) if os.environ.get("PTQ_DATA") else None)
     if folder is None:
         raise PtqError("no image data given: pass --data PATH (or set PTQ_DATA) to calibrate on")
-    path = prequantize.write(model, backend, folder, out, calib_size, split_seed, weights, calib_method)
+    path = prequantize.write(model, backend, folder, out, calib_size, split_seed, weights, calib_method, quantizer)
     console.print(
         f"wrote {path}, {path.stem}.fp32.onnx and {path.stem}.json: copy them together; on the device, "
         f"`ptq run --model {path.name} --precision int8 --backend {backend} --calib-size {calib_size} --split-seed {split_seed}`",
         soft_wrap=True, highlight=False,
     )
+
+
+@app.command("env")
+def make_env(name: Annotated[str, typer.Argument(help="The toolkit: nncf, quark or aimet")]) -> None:
+    """Make the environment a toolkit quantizer runs in: a venv with the toolkit's pins first and this environment's
+    packages (torch, ONNX Runtime) after them; `ptq run --quantizer NAME` then finds it."""
+    from ptq.quantizers import toolkit
+
+    with _stdout_to_stderr() as stdout:
+        python = toolkit.make_env(name)
+        console.print(f"quantizer {name} runs in {python}", soft_wrap=True, highlight=False)
+        print(python, file=stdout, flush=True)
 
 
 @app.command("doctor")

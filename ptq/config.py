@@ -8,8 +8,10 @@ from pathlib import Path
 
 from typing import Any, Dict
 
-from ptq.backends import PRECISIONS, backend_class, option_params
+from ptq.backends import PRECISIONS, backend_class, int8_setting
+from ptq.options import option_params
 from ptq.bench import LatencyMethod
+from ptq import quantizers
 from ptq.errors import PtqError
 from ptq.models import WEIGHTS
 from ptq.worker import LATENCY_PROCESSES, WORKER_BACKENDS
@@ -22,6 +24,7 @@ class RunConfig:
     model: str
     precision: str = "int8"
     backend: str = "ort"
+    quantizer: str = "ort"  # the INT8 technique: the backend's own (ort), or a toolkit's (ptq.quantizers)
     weights: str = "pretrained"
     data: Path | None = None
     calib_size: int = 100
@@ -35,7 +38,7 @@ class RunConfig:
     min_duration_s: float = LatencyMethod.min_duration_s
     blocks: int = LatencyMethod.blocks
     latency_process: str = "inprocess"  # where latency is timed: inprocess, or a lean worker process per model (ptq.worker)
-    options: Dict[str, str] = field(default_factory=dict)  # the backend's own options the user set (see backends)
+    options: Dict[str, str] = field(default_factory=dict)  # the backend's and the quantizer's options the user set, by name
     input_size: int | None = None  # for model=*.onnx
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -52,6 +55,12 @@ class RunConfig:
     def validate(self) -> None:
         """Refuse bad parameters before any work is done."""
         backend_class(self.backend)  # an unknown backend is named before anything else
+        quantizers.options_class(self.quantizer)
+        if self.quantizer != quantizers.BUILT_IN:
+            if self.precision != "int8":
+                raise PtqError(f"quantizer {self.quantizer} makes INT8 models: use precision=int8, or quantizer=ort for {self.precision}")
+            if not backend_class(self.backend).runs_qdq:
+                raise PtqError(f"quantizer {self.quantizer} writes a QDQ ONNX, which backend {self.backend} cannot run: use backend ort or tensorrt")
         if self.precision not in PRECISIONS:
             raise PtqError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.weights not in WEIGHTS:
@@ -79,10 +88,20 @@ class RunConfig:
         if self.monitor_interval <= 0:
             raise PtqError(f"monitor_interval={self.monitor_interval} must be positive (seconds)")
         self.backend_options()
+        self.quantizer_options()
+
+    def _quantizer_keys(self) -> set[str]:
+        return quantizers.option_names(self.quantizer) & set(self.options)
 
     def backend_options(self) -> Any:
-        """The chosen backend's options: its defaults, overridden by what the user set; refuses another backend's."""
-        return backend_class(self.backend).options(self.options)
+        """The chosen backend's options: its defaults, overridden by what the user set (less the quantizer's own);
+        refuses another backend's, and its INT8 settings where another quantizer quantizes."""
+        given = {k: v for k, v in self.options.items() if k not in self._quantizer_keys()}
+        return backend_class(self.backend).options(given, self.quantizer)
+
+    def quantizer_options(self) -> Any:
+        """The chosen quantizer's options: its defaults, overridden by what the user set."""
+        return quantizers.options(self.quantizer, {k: self.options[k] for k in self._quantizer_keys()})
 
     def latency(self) -> LatencyMethod:
         """How latency is timed: warm-up, blocks, minimum queries and duration, at the latency batch size."""
@@ -102,7 +121,10 @@ class RunConfig:
     def params(self) -> dict[str, str]:
         """Flat string params for MLflow, spelled as the CLI and MLproject take them (0 = default, true/false)."""
         flat: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ("options", "progress")}
-        flat.update(option_params(self.backend_options()))
+        backend = self.backend_options()
+        own_int8 = self.quantizer == quantizers.BUILT_IN  # else the backend's INT8 settings are not what ran
+        flat.update({k: v for k, v in option_params(backend).items() if own_int8 or not int8_setting(self.backend, k)})
+        flat.update(option_params(self.quantizer_options()))
         flat.update(eval_size=self.eval_size or 0, input_size=self.input_size or 0, threads_used=self.threads_used)
         out = {}
         for key, value in flat.items():
@@ -114,3 +136,4 @@ class RunConfig:
                 value = ",".join(f"{v:g}" for v in value)
             out[key] = str(value)
         return out
+

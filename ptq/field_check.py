@@ -21,7 +21,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ptq import doctor, jetson
-from ptq.backends import CompressJob, get_backend, user_options
+from ptq.backends import CompressJob, get_backend
+from ptq.options import user_options
 from ptq.monitor import BOARD_POWER, GPU_UTIL, JtopSource, Source
 from ptq.phases import Phases
 

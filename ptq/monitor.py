@@ -44,7 +44,7 @@ PROCESS_CPU = "system/ptq_process_cpu_percentage"  # ptq's process, % of the who
 PROCESS_RSS = "system/ptq_process_rss_megabytes"
 PROCESS_RSS_PEAK = "system/ptq_process_rss_peak_megabytes"  # the process's high-water mark since it started
 PROCESS_THREADS = "system/ptq_process_threads"
-WORKER_RSS = "system/ptq_{}worker_rss_megabytes"  # a latency worker process (ptq.worker): the measured model's (""), fp32_
+WORKER_RSS = "system/ptq_{}worker_rss_megabytes"  # a latency worker process (ptq.worker): the measured model's (""), fp32_; quantizer_: a toolkit's
 WORKER_CPU = "system/ptq_{}worker_cpu_percentage"  # the same worker's CPU, % of the whole machine like CPU
 PHASE_INDEX = "system/ptq_phase_index"  # the sample's phase, as its row in the phases table (Monitor.phase_rows)
 GPU_UTIL = "system/gpu_0_utilization_percentage"  # MLflow's
@@ -547,7 +547,7 @@ class Monitor:
                 out[f"{name}_mb"] = peak(key)
                 if before is not None and key in before:
                     out[f"{name}_delta_mb"] = peak(key) - before[key]
-        for prefix in ("", "fp32_"):  # the latency workers, apart from ptq's process
+        for prefix in ("", "fp32_", "quantizer_"):  # the latency workers and a toolkit quantizer's process, apart from ptq's
             if (rss := WORKER_RSS.format(prefix)) in keys:
                 out[f"{prefix}worker_peak_rss_mb"] = peak(rss)
             if (cpu := WORKER_CPU.format(prefix)) in keys:

@@ -9,8 +9,10 @@ from typing import Callable, Optional
 
 Listener = Callable[[Optional[str]], None]
 
-# The phases that make up compression, in run order; their times sum to compress/total_s.
-COMPRESS_PHASES = ("export", "sensitivity", "preprocess", "calibrate", "quantize", "select", "convert", "build")
+# The phases that make up compression, in run order; their times sum to compress/total_s. A toolkit quantizer
+# (ptq.quantizers.toolkit) adds its start-up and each technique it applies.
+TECHNIQUE_PHASES = ("toolkit_start", "cle", "smoothquant", "channel_alignment", "bias_correction", "adaround", "adaquant", "seq_mse", "write")
+COMPRESS_PHASES = ("export", "sensitivity", "preprocess", *TECHNIQUE_PHASES[:1], "calibrate", *TECHNIQUE_PHASES[1:], "quantize", "select", "convert", "build")
 
 
 class Phases:

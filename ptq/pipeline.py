@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from ptq import bench, data, disk, doctor, export, models, prequantize, quantize, summary, tracking, worker
+from ptq import bench, data, disk, doctor, export, models, prequantize, summary, tracking, worker
+
+from ptq import quantizers
+from ptq.quantizers import ort as quantize
+from ptq.quantizers import toolkit
 from ptq.backends import Backend, Compressed, CompressJob, Session, get_backend
 from ptq.config import RunConfig
 from ptq.errors import PtqError
@@ -40,6 +44,10 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
     if cfg.profile and not backend.profiles:
         raise PtqError(f"backend {cfg.backend} has no per-op profiler in ptq yet: use profile=false, or backend=ort")
     options = cfg.backend_options()
+    technique = cfg.quantizer_options()
+    environment = toolkit.check(cfg.quantizer) if cfg.quantizer != quantizers.BUILT_IN else ""
+    if environment and qdq is not None:
+        raise PtqError(f"{qdq.path.name} is quantized already: give its FP32 model to quantize it with quantizer {cfg.quantizer}, or drop quantizer")
     if spec.onnx_path is not None:
         export.check_classifier(spec.onnx_path, spec.transform.crop, accuracy=cfg.weights == "pretrained")
         if getattr(options, "keep_float", ()):
@@ -75,6 +83,7 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
         "ptq.backend_device": backend.device(),
         **doctor.run_warnings(),
         **{f"version.{k}": v for k, v in backend.versions().items()},
+        **({"ptq.quantizer_env": environment} if environment else {}),
         **({"ptq.qdq_model": f"{qdq.path.name}, made by ptq quantize ({qdq.record['quantizer']}) from {qdq.fp32.name}", "numerics.qdq": qdq.numerics()} if qdq else {}),
         **(extra_tags or {}),
     }
@@ -92,7 +101,7 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
         try:
             if monitor:
                 monitor.start()
-            _execute(cfg, spec, module, backend, options, dataset, split, phases, monitor, rec, Path(tmp), qdq.path if qdq else None)
+            _execute(cfg, spec, module, backend, options, technique, dataset, split, phases, monitor, rec, Path(tmp), qdq.path if qdq else None)
             failed = False
         finally:
             if monitor:
@@ -132,7 +141,7 @@ def _log_monitor(rec: tracking.Recorder, monitor: Monitor, work: Path) -> None:
     rec.series(monitor.points())
     rec.metrics(
         {
-            **monitor.headline("compress", COMPRESS_PHASES, ("peak_rss_mb", "peak_rss_delta_mb", "cpu_pct_mean")),
+            **monitor.headline("compress", COMPRESS_PHASES, ("peak_rss_mb", "peak_rss_delta_mb", "cpu_pct_mean", "quantizer_worker_peak_rss_mb")),
             **monitor.headline("latency", ("latency",), ("energy_per_img_j",)),
             **monitor.headline("evaluate", ("evaluate",), ("energy_per_img_j",)),
         }
@@ -153,6 +162,7 @@ def _execute(
     module: Optional[nn.Module],
     backend: Backend,
     options: Any,
+    technique: Any,
     dataset: data.Dataset,
     split: data.Split,
     phases: Phases,
@@ -188,6 +198,8 @@ def _execute(
         for s in track(starts, total=len(starts), description="calibrate", enabled=cfg.progress):
             yield tensors.batch(calib_idx[s : s + batch_size])
 
+    if cfg.quantizer != quantizers.BUILT_IN:
+        qdq_onnx = _toolkit_quantize(cfg.quantizer, technique, fp32_path, calib_batches(1), work, phases, monitor, rec)
     job = CompressJob(fp32_path, module, cfg.precision, calib_batches, options, phases, work, (cfg.batch_size, max(cfg.batch_size, cfg.eval_batch_size)), cfg.threads_used, qdq_onnx)
     compressed = backend.compress(job)
     with phases("build"):
@@ -238,6 +250,21 @@ def _execute(
             rec.metrics({"acc/fp32_top1": acc.top1, "acc/fp32_top5": acc.top5})
         _log_predictions(rec, work, dataset, eval_idx, acc, reference)
     del sessions, session
+
+
+def _toolkit_quantize(
+    name: str, technique: Any, fp32_path: Path, batches: Iterator[np.ndarray], work: Path, phases: Phases, monitor: Monitor | None, rec: tracking.Recorder
+) -> Path:
+    """The QDQ model of toolkit quantizer `name`, made in its own process (its phases timed, its process sampled); its
+    record and log are logged, the log on failure too."""
+    try:
+        made = toolkit.quantize(name, technique, fp32_path, batches, work, phases, monitor.watch if monitor else None)
+    finally:
+        if (work / toolkit.LOG).is_file():
+            rec.artifact(work / toolkit.LOG, "quantizer")
+    rec.text(json.dumps(made.record, indent=1), "quantizer/record.json")
+    rec.tags({"numerics.qdq": toolkit.describe(made.record), **{f"version.{k}": v for k, v in made.record["versions"].items() if k not in ("python", "numpy")}})
+    return made.path
 
 
 @contextmanager

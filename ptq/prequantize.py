@@ -11,16 +11,18 @@ import hashlib
 import json
 import platform
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import onnx
 
-from ptq import data, export, models, quantize
+from ptq import data, export, models, quantizers
 from ptq.errors import PtqError
 from ptq.phases import Phases
-from ptq.quantizers import for_tensorrt, qdq_rules
+from ptq.quantizers import for_tensorrt, qdq_rules, toolkit
+from ptq.quantizers import ort as quantize
 
 QDQ_KEY = "ptq.qdq"  # metadata key of a QDQ model made by `ptq quantize` (JSON: fp32 file, its hash, calibration)
 QUANTIZERS = ("tensorrt", "ort")  # the backend a QDQ file is made for
@@ -58,10 +60,17 @@ class QdqModel:
 
 
 def write(
-    model: str, backend: str, data_dir: Path, out: Path, calib_size: int = 100, split_seed: int = 0, weights: str = "pretrained", calib_method: str = "minmax"
+    model: str, backend: str, data_dir: Path, out: Path, calib_size: int = 100, split_seed: int = 0, weights: str = "pretrained", calib_method: str = "minmax",
+    technique: str = "ort",
 ) -> Path:
     """Quantize `model` for `backend` on `calib_size` images of `data_dir` (the run's seeded split) into `out`, with
-    the FP32 model (`<out>.fp32.onnx`) and the record (`<out>.json`) beside it; returns `out`."""
+    the FP32 model (`<out>.fp32.onnx`) and the record (`<out>.json`) beside it; returns `out`. `technique` is a
+    quantizer spec (`ort`, or a toolkit's such as `quark+adaround+iterations=50`), so a host with the toolkit makes
+    the file a device without it runs."""
+    name, given = quantizers.parse_spec(technique)
+    toolkit_options = quantizers.options(name, given) if name != quantizers.BUILT_IN else None
+    if toolkit_options is not None:
+        toolkit.check(name)
     if backend not in QUANTIZERS:
         raise PtqError(f"ptq quantize makes QDQ models for backend {' or '.join(QUANTIZERS)}, not {backend!r}")
     if out.suffix != ".onnx":
@@ -95,18 +104,26 @@ def write(
         return (tensors.batch(calib_idx[s : s + size]) for s in range(0, len(calib_idx), size))
 
     ranges = out.with_name(out.stem + ".ranges.json")
-    if backend == "tensorrt":
+    made = None
+    if toolkit_options is not None:
+        with tempfile.TemporaryDirectory(prefix="ptq-quantize-") as work:
+            made = toolkit.quantize(name, toolkit_options, fp32, batches(1), Path(work), phases)
+            shutil.move(str(made.path), out)
+        if backend == "tensorrt":
+            qdq_rules.require(out)
+        numerics = toolkit.describe(made.record)
+    elif backend == "tensorrt":
         numerics = for_tensorrt.quantize(fp32, out, batches(8), calib_method, (), phases, ranges)
     else:
         opts = quantize.QuantOptions(calib_method=calib_method)
         numerics = f"{quantize.describe(opts)}; {quantize.to_int8(fp32, out, batches(opts.calib_batch), opts, phases, ranges)}"
     record = {
-        "quantizer": "ort-for-tensorrt" if backend == "tensorrt" else "ort",
+        "quantizer": name if made else "ort-for-tensorrt" if backend == "tensorrt" else "ort",
         "backend": backend,
         "numerics": numerics,
         "fp32": fp32.name,
         "fp32_sha256": _sha256(fp32),
-        "calib_method": calib_method,
+        **({"technique": made.record} if made else {"calib_method": calib_method}),
         "calib_size": calib_size,
         "split_seed": split_seed,
         "calib_images": [dataset.files[i].name for i in calib_idx],

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ptq import bench, tracking
+from ptq import bench, quantizers, tracking
 from ptq.backends import PRECISIONS
 from ptq.compat import removeprefix
 from ptq.errors import PtqError
@@ -35,6 +35,7 @@ COLUMNS: dict[str, str | tuple[str, str]] = {
     "precision": "params.precision",
     "backend": "params.backend",
     "numerics": "tags.numerics.model",
+    "technique": "tags.numerics.qdq",  # a toolkit quantizer's (or ptq quantize's): toolkit, version, techniques
     "size_mb": "metrics.size/model_bytes",
     "size_ratio": "metrics.size/ratio",
     "export_s": "metrics.compress/export_s",
@@ -92,7 +93,12 @@ ONLY_WHERE: dict[str, dict[str, set[str]]] = {
     "workspace_mb": {"backend": {"tensorrt"}},
     "dla_core": {"backend": {"tensorrt"}},
     "eval_size": {"weights": {"pretrained"}},  # random weights evaluate nothing
+    "quantizer": _INT8,
 }
+for _name in quantizers.QUANTIZERS:  # a toolkit's options shape its own runs only (ort's are its backend's, above)
+    for _option in quantizers.option_names(_name):
+        if _option not in ONLY_WHERE:
+            ONLY_WHERE[_option] = {**_INT8, "quantizer": {q for q in quantizers.QUANTIZERS if _option in quantizers.option_names(q)}}
 
 
 def load_runs(experiments: list[str], device: str = "", model: str = "", precision: str = "") -> pd.DataFrame:
@@ -140,6 +146,8 @@ def configuration(runs: pd.DataFrame) -> pd.DataFrame:
         frame[name] = runs[f"params.{name}"]
         if f"params.resolved.{name}" in runs:
             frame[name] = runs[f"params.resolved.{name}"].fillna(frame[name])
+    if "quantizer" in frame:  # runs logged before quantizers were a choice were quantized by their backend's own
+        frame["quantizer"] = frame["quantizer"].fillna(quantizers.BUILT_IN)
     for name, where in ONLY_WHERE.items():
         if name in frame:
             applies = pd.Series(True, index=runs.index)

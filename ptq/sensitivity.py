@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import onnx
 
-from ptq import quantize
+from ptq.quantizers import ort as quantize
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 

@@ -22,7 +22,8 @@ def rows(params: Mapping[str, str], tags: Mapping[str, str], metrics: Mapping[st
         return _num(metrics, key)
 
     precision = params.get("precision", "?")
-    out = [("model", f"{params.get('model', '?')} {precision} on {params.get('backend', '?')} (weights={params.get('weights', '?')})")]
+    by = f" by {params['quantizer']}" if params.get("quantizer", "ort") != "ort" else ""
+    out = [("model", f"{params.get('model', '?')} {precision}{by} on {params.get('backend', '?')} (weights={params.get('weights', '?')})")]
     out.append(("device", f"{tags.get('device.name', tags.get('device.host', '?'))}: {tags.get('device.cpu', '?')}, GPU {tags.get('device.gpu', 'none')}"))
     if (fp32 := m("size/fp32_bytes")) and (size := m("size/model_bytes")):
         out.append(("size", f"{fp32 / 1e6:.2f} MB → {size / 1e6:.2f} MB ({fp32 / size:.2f}× smaller)"))
@@ -33,6 +34,9 @@ def rows(params: Mapping[str, str], tags: Mapping[str, str], metrics: Mapping[st
         delta = m("compress/peak_rss_delta_mb")
         added = f" (+{delta:.0f} MB over its level before compression began: compression's own)" if delta is not None else ""
         out.append(("peak memory while compressing", f"{peak:.0f} MB process RSS{added}"))  # the process: ptq, libraries, data, model
+    if by and (quantizer := tags.get("numerics.qdq")) is not None:
+        peak = m("compress/quantizer_worker_peak_rss_mb")
+        out.append(("quantizer", quantizer + (f"; its process peaked at {peak:.0f} MB RSS" if peak is not None else "")))
     if (calibration := tags.get("tensorrt.calibration")) is not None:  # TensorRT's own calibrator: images fed and dropped
         out.append(("TensorRT calibration", calibration))
     if (core := tags.get("tensorrt.dla_core")) is not None:

@@ -23,8 +23,8 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from ptq import data, pipeline, tracking
-from ptq.backends import PRECISIONS
+from ptq import data, pipeline, quantizers, tracking
+from ptq.backends import PRECISIONS, int8_setting
 from ptq.config import RunConfig
 from ptq.errors import PtqError, Terminated
 from ptq.models import resolve
@@ -67,12 +67,16 @@ class SweepResult:
     skipped: list[str]
 
 
-def combinations(models: list[str], precisions: list[str], backends: list[str], calib_methods: list[str]) -> list[dict[str, str]]:
-    """The grid, in a stable order; calibration methods vary only for int8 ("" = the backend's default)."""
+def combinations(models: list[str], precisions: list[str], backends: list[str], calib_methods: list[str], techniques: list[str] | None = None) -> list[dict[str, str]]:
+    """The grid, in a stable order; quantizers (`techniques`: specs such as `quark+adaround`, see
+    `quantizers.parse_spec`) vary only for int8, calibration methods only for int8 by the backend's own quantizer
+    ("" = the default). A grid without quantizers keeps the combinations (and so the resume keys) it always had."""
     grid = []
     for model, precision, backend in itertools.product(models, precisions, backends):
-        for method in calib_methods if precision == "int8" else [""]:
-            grid.append({"model": model, "precision": precision, "backend": backend, "calib_method": method})
+        for spec in (techniques or [""]) if precision == "int8" else [""]:
+            own = not spec or quantizers.parse_spec(spec)[0] == quantizers.BUILT_IN
+            for method in calib_methods if precision == "int8" and own else [""]:
+                grid.append({"model": model, "precision": precision, "backend": backend, **({"quantizer": spec} if spec else {}), "calib_method": method})
     return grid
 
 
@@ -81,8 +85,16 @@ def _key(*parts: object) -> str:
 
 
 def _configure(base: RunConfig, combo: dict[str, str]) -> RunConfig:
-    options = {**base.options, **({"calib_method": combo["calib_method"]} if combo["calib_method"] else {})}
-    return replace(base, model=combo["model"], precision=combo["precision"], backend=combo["backend"], options=options)
+    options, quantizer = dict(base.options), base.quantizer
+    if combo.get("quantizer"):
+        quantizer, technique = quantizers.parse_spec(combo["quantizer"])
+        if quantizer != base.quantizer:  # the base's INT8 settings belong to the base's quantizer, not to this one
+            own = base.quantizer == quantizers.BUILT_IN
+            options = {k: v for k, v in options.items() if k not in quantizers.option_names(base.quantizer) and not (own and int8_setting(combo["backend"], k))}
+        options.update(technique)
+    if combo["calib_method"]:
+        options["calib_method"] = combo["calib_method"]
+    return replace(base, model=combo["model"], precision=combo["precision"], backend=combo["backend"], quantizer=quantizer, options=options)
 
 
 def resume_identity(fingerprint: dict[str, str], data_hash: str) -> dict[str, object]:
@@ -111,6 +123,7 @@ def run_sweep(
     precisions: list[str] | None = None,
     backends: list[str] | None = None,
     calib_methods: list[str] | None = None,
+    techniques: list[str] | None = None,
     *,
     target: Callable[[ChildJob], str] = run_child,
 ) -> SweepResult:
@@ -119,7 +132,7 @@ def run_sweep(
     sweeps running at once share the work (a combination is claimed before it runs). The parent writes through a
     Recorder, so a lost server moves it and the rest of the sweep offline. `target` is what each child runs: a
     module-level function, as the spawned process imports it by name."""
-    grid = combinations(models, precisions or list(PRECISIONS), backends or ["ort"], calib_methods or [base.options.get("calib_method", "")])
+    grid = combinations(models, precisions or list(PRECISIONS), backends or ["ort"], calib_methods or [base.options.get("calib_method", "")], techniques)
     if not grid:
         raise PtqError("the sweep is empty: give at least one model, precision and backend")
     for model in models:  # every bad parameter is refused before the first run starts
@@ -131,7 +144,7 @@ def run_sweep(
     assert base.data is not None  # validate() refused a sweep without data
     data_hash = data.scan(base.data).content_hash
     identity = resume_identity(fingerprint, data_hash)
-    run_params = {k: v for k, v in base.params().items() if k not in ("model", "precision", "backend", "calib_method", "experiment")}
+    run_params = {k: v for k, v in base.params().items() if k not in ("model", "precision", "backend", "quantizer", "calib_method", "experiment")}
     key_params = {k: v for k, v in run_params.items() if k != "data"}  # the same images elsewhere are the same data
     sweep_key = _key(name, identity, grid, key_params)
     parent_tags = {**fingerprint, **tracking.offline_tags(), "ptq.sweep": name, SWEEP_KEY: sweep_key}

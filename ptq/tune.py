@@ -1,8 +1,8 @@
 """The fastest INT8 configuration within an accuracy budget: candidates tried cheapest first, each a child run.
 
 The space is calibration method x per-channel weights x activation type x nodes kept in float (the k that
-sensitivity ranks first). Candidates are ordered by how much stays in float (fewer float nodes run faster),
-then as given; the guided search stops at the first candidate whose paired top-1 drop is within the budget.
+sensitivity ranks first) of the backend's own quantizer, and toolkit techniques (`quark+adaround`, ...) beside them.
+Candidates are ordered by how much stays in float (fewer float nodes run faster; a toolkit's keep none), then as given; the guided search stops at the first candidate whose paired top-1 drop is within the budget.
 `exhaustive` runs them all and picks the fastest within budget by measured p50, which shows what stopping early
 saved and whether it chose differently.
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from ptq import quantizers
 from ptq.config import RunConfig
 from ptq.errors import PtqError
 
@@ -29,29 +30,41 @@ log = logging.getLogger(__name__)
 class Candidate:
     """One configuration of the space."""
 
-    calib_method: str
-    per_channel: bool
-    activation_type: str
-    keep_float: int  # nodes kept in float: the first k of the sensitivity ranking
+    calib_method: str = ""
+    per_channel: bool = True
+    activation_type: str = ""
+    keep_float: int = 0  # nodes kept in float: the first k of the sensitivity ranking
+    technique: str = ""  # a toolkit quantizer's spec (quantizers.parse_spec), in place of the ort settings above
+
+    def quantizer(self) -> str:
+        """The quantizer this candidate runs."""
+        return quantizers.parse_spec(self.technique)[0] if self.technique else quantizers.BUILT_IN
 
     def options(self) -> Dict[str, str]:
-        """The ort backend options of this candidate."""
+        """The ort backend options of this candidate, or its toolkit's."""
+        if self.technique:
+            return quantizers.parse_spec(self.technique)[1]
         out = {"calib_method": self.calib_method, "per_channel": str(self.per_channel).lower(), "activation_type": self.activation_type}
         return {**out, "keep_float": str(self.keep_float)} if self.keep_float else out
 
     def label(self) -> str:
-        """Short name: minmax/per-channel/uint8/float 2."""
-        return f"{self.calib_method}/{'per-channel' if self.per_channel else 'per-tensor'}/{self.activation_type}/float {self.keep_float}"
+        """Short name: minmax/per-channel/uint8/float 2, or the toolkit's spec."""
+        return self.technique or f"{self.calib_method}/{'per-channel' if self.per_channel else 'per-tensor'}/{self.activation_type}/float {self.keep_float}"
 
 
-def space(calib_methods: List[str], per_channel: List[bool], activation_types: List[str], keep_float: List[int]) -> List[Candidate]:
-    """Every combination, fewest float nodes first, then in the order given."""
+def space(calib_methods: List[str], per_channel: List[bool], activation_types: List[str], keep_float: List[int], techniques: Optional[List[str]] = None) -> List[Candidate]:
+    """Every combination, fewest float nodes first (the toolkits' techniques after ort's with none kept), then in the order given."""
     if not (calib_methods and per_channel and activation_types and keep_float):
         raise PtqError("the search space is empty: give at least one calibration method, per-channel value, activation type and keep_float count")
     if any(k < 0 for k in keep_float):
         raise PtqError(f"keep_float counts {keep_float} must be 0 or more")
+    toolkits = [Candidate(technique=t) for t in techniques or []]
+    if any(c.quantizer() == quantizers.BUILT_IN for c in toolkits):
+        raise PtqError("--quantizers takes toolkit techniques (nncf..., quark..., aimet...): ort's space is --calib-methods, --per-channel-values, ...")
     combos = itertools.product(sorted(set(keep_float)), calib_methods, per_channel, activation_types)
-    return [Candidate(c, p, a, k) for k, c, p, a in combos]
+    grid = [Candidate(c, p, a, k) for k, c, p, a in combos]
+    unkept = sum(c.keep_float == 0 for c in grid)
+    return grid[:unkept] + toolkits + grid[unkept:]
 
 
 @dataclass
@@ -134,7 +147,7 @@ def search(base: RunConfig, budget: float, candidates: List[Candidate], exhausti
     searched = sorted(set(base.options) & set(Candidate("minmax", True, "uint8", 1).options()))
     if searched:
         raise PtqError(f"tune searches {', '.join(searched)} itself: drop them and give the search space instead (--calib-methods, ...)")
-    configs = [replace(base, precision="int8", options={**base.options, **c.options()}) for c in candidates]
+    configs = [replace(base, precision="int8", quantizer=c.quantizer(), options={**base.options, **c.options()}) for c in candidates]
     for cfg in configs:
         cfg.validate()
     spec = models.resolve(base.model, base.input_size, base.mean, base.std)

@@ -138,7 +138,7 @@ def test_backend_registry() -> None:
 def test_numerics_say_what_each_backend_really_computes() -> None:
     from ptq.backends import tensorrt
     from ptq.backends.torch import TorchBackend
-    from ptq.quantize import QuantOptions, describe
+    from ptq.quantizers.ort import QuantOptions, describe
 
     assert tensorrt.numerics("fp32", "", -1) == "fp32 (TF32 off)"
     assert tensorrt.numerics("int8", "explicit", -1) == "int8 with fp16 fallback (explicit quantization, TF32 off)"

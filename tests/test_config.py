@@ -8,7 +8,8 @@ import pytest
 import typer
 import yaml
 
-from ptq.backends import BACKENDS, option_params, options_class, user_options
+from ptq.backends import BACKENDS, options_class
+from ptq.options import option_params, user_options
 from ptq.cli import app
 from ptq.config import RunConfig
 

@@ -83,7 +83,7 @@ def test_old_onnxruntime_quantization_api_gives_the_same_model(lite0_onnx: Path,
     import onnxruntime
     import onnxruntime.quantization as ortq
 
-    from ptq import quantize
+    from ptq.quantizers import ort as quantize
     from ptq.backends.ort import open_session
     from ptq.phases import Phases
 
@@ -111,7 +111,9 @@ def test_keep_float_leaves_the_named_nodes_in_float_and_refuses_unknown_ones(lit
     model lacks is refused before any run."""
     import onnx
 
-    from ptq import pipeline, quantize
+    from ptq import pipeline
+
+    from ptq.quantizers import ort as quantize
     from ptq.config import RunConfig
     from ptq.errors import PtqError
     from ptq.phases import Phases

@@ -98,7 +98,8 @@ def _images(sample_dir: Path, n: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def mob_s(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, OpProfile, OpProfile]:
     """MobileNetV3-Small (random weights) exported and INT8-quantized by ptq, profiled at batch 1 and 2 threads."""
-    from ptq import pipeline, quantize
+    from ptq import pipeline
+    from ptq.quantizers import ort as quantize
     from ptq.phases import Phases
 
     tmp = tmp_path_factory.mktemp("profile")

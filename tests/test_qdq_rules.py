@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ptq import quantize
+from ptq.quantizers import ort as quantize
 from ptq.errors import PtqError
 from ptq.phases import Phases
 from ptq.quantizers import for_tensorrt, qdq_rules

@@ -150,7 +150,7 @@ def test_seed_model_random_weights(small_dir: Path) -> None:
 
 def test_entropy_calibration_with_uneven_image_count(small_dir: Path) -> None:
     """ORT's histogram calibrators break on a short last batch; 10 images calibrate in 2 batches of 5."""
-    from ptq.quantize import even_batch
+    from ptq.quantizers.ort import even_batch
 
     assert (even_batch(10, 8), even_batch(300, 8), even_batch(97, 8), even_batch(3, 8)) == (5, 6, 1, 3)
     cfg = RunConfig(model="mob-s", weights="random", data=small_dir, calib_size=10, eval_size=8, min_queries=4, min_duration_s=0, blocks=2, warmup=1,

@@ -25,7 +25,7 @@ from ptq.backends.cuda import CudaRuntime
 from ptq.backends.tensorrt import TensorRTBackend, TensorRTOptions, TrtSession
 from ptq.errors import PtqError
 from ptq.phases import Phases
-from ptq.quantize import even_batch
+from ptq.quantizers.ort import even_batch
 from fake_tensorrt import ENQUEUE_MS, ContractViolation, make_trt, tiny_classifier
 
 GPU = "NVIDIA Jetson AGX Orin"

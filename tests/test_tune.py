@@ -95,3 +95,23 @@ def test_bad_input_fails_before_any_run(small_dir: Path, call: object, message: 
     with pytest.raises(PtqError, match=message):
         call(base(small_dir))  # type: ignore[operator]
     assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_toolkit_techniques_are_candidates_beside_ort_s(small_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    space = tune.space(["minmax"], [False], ["uint8"], [0, 2], ["quark+adaround+iterations=50", "nncf+bias_correction=full"])
+    assert [c.label() for c in space] == ["minmax/per-tensor/uint8/float 0", "quark+adaround+iterations=50", "nncf+bias_correction=full", "minmax/per-tensor/uint8/float 2"]
+    monkeypatch.setitem(MEASURED, "quark+adaround+iterations=50", (0.1, 2.5))
+    monkeypatch.setitem(MEASURED, "nncf+bias_correction=full", (0.0, 6.0))
+    seen = {}
+
+    def trial(cfg: RunConfig, tags: Dict[str, str], parent: str) -> str:
+        seen[tags["ptq.tune_trial"]] = (cfg.quantizer, cfg.options)
+        return fake_trial(cfg, tags, parent)
+
+    result = tune.search(base(small_dir), 0.3, space, exhaustive=True, run_trial=trial)
+    assert seen["quark+adaround+iterations=50"] == ("quark", {"adaround": "true", "iterations": "50"})
+    assert seen["nncf+bias_correction=full"] == ("nncf", {"bias_correction": "full"})
+    assert seen["minmax/per-tensor/uint8/float 0"][0] == "ort"
+    assert result.chosen is not None and result.chosen.candidate.label() == "quark+adaround+iterations=50"  # within budget, faster than nncf's
+    with pytest.raises(PtqError, match="--quantizers takes toolkit techniques"):
+        tune.space(["minmax"], [False], ["uint8"], [0], ["ort+per_channel=false"])

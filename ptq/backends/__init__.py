@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Tuple, Type
 import numpy as np
 
 from ptq.errors import PtqError
+from ptq.options import NoOptions, parse_options, user_options
 from ptq.phases import Phases
 
 if TYPE_CHECKING:
@@ -25,55 +26,6 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = {"ort": "ptq.backends.ort", "torch": "ptq.backends.torch", "tensorrt": "ptq.backends.tensorrt"}
-
-
-def option(default: Any, help: str, user: bool = True) -> Any:
-    """A backend option: its default and the help the CLI shows; `user=False`: set by ptq, logged for the record."""
-    return field(default=default, metadata={"help": help, "user": user})
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """A backend without options of its own."""
-
-    def validate(self) -> None:
-        """Nothing to check."""
-
-
-def user_options(options: Type[Any]) -> list[dataclasses.Field]:  # type: ignore[type-arg]
-    """The options of a backend's Options dataclass that users set (CLI flags, MLproject parameters)."""
-    return [f for f in dataclasses.fields(options) if f.metadata.get("user", True)]
-
-
-def parse_value(name: str, text: str, default: Any) -> Any:
-    """A CLI/MLproject string as the type of the option's default (true/false, numbers, comma lists, paths)."""
-    try:
-        if isinstance(default, bool):
-            value = text.strip().lower()
-            if value not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-                raise ValueError
-            return value in ("true", "yes", "1", "on")
-        if isinstance(default, int):
-            return int(float(text))
-        if isinstance(default, float):
-            return float(text)
-        if isinstance(default, tuple):
-            return tuple(v.strip() for v in text.split(",") if v.strip())
-        if default is None:
-            return Path(text) if text else None
-        return text
-    except ValueError:
-        kind = "true or false" if isinstance(default, bool) else "a whole number" if isinstance(default, int) else "a number"
-        raise PtqError(f"{name}={text!r} is not {kind}: give a value like {format_value(default)!r}") from None
-
-
-def format_value(value: Any) -> str:
-    """An option value spelled as the CLI and MLflow params take it."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
-    return "" if value is None else str(value)
 
 
 @dataclass
@@ -124,20 +76,26 @@ class Backend(ABC):
     precisions: ClassVar[Tuple[str, ...]] = PRECISIONS
     Options: ClassVar[Type[Any]] = NoOptions
 
+    runs_qdq: ClassVar[bool] = True  # whether it runs the QDQ ONNX a quantizer other than `ort` writes
+
     @classmethod
-    def options(cls, given: Mapping[str, str]) -> Any:
-        """This backend's options from the values a user gave (strings; unset ones keep their defaults); one
-        clear error for an option of another backend."""
+    def options(cls, given: Mapping[str, str], quantizer: str = "ort") -> Any:
+        """This backend's options from the values a user gave (strings; unset ones keep their defaults); one clear
+        error for an option of another backend or quantizer, or for one of its own INT8 settings where `quantizer`
+        (not `ort`) quantizes instead."""
+        from ptq import quantizers
+
         mine = {f.name: f for f in user_options(cls.Options)}
         for name in given:
             if name not in mine:
-                owners = [b for b in BACKENDS if b != cls.name and name in {f.name for f in user_options(options_class(b))}]
+                owners = [f"backend {b}" for b in BACKENDS if b != cls.name and name in {f.name for f in user_options(options_class(b))}]
+                owners += [f"quantizer {q}" for q in quantizers.QUANTIZERS if q != quantizer and name in quantizers.option_names(q)]
                 takes = ", ".join(mine) or "no options"
-                raise PtqError(f"{name} is an option of backend {' or '.join(owners) or '?'}, not of {cls.name} (which takes {takes}): drop it or set backend")
-        values = {k: parse_value(k, v, mine[k].default) for k, v in given.items()}
-        opts = cls.Options(**values)
-        opts.validate()
-        return opts
+                raise PtqError(f"{name} is an option of {' or '.join(owners) or '?'}, not of backend {cls.name} (which takes {takes}) or quantizer {quantizer}: drop it, or set backend or quantizer")
+            if quantizer != quantizers.BUILT_IN and mine[name].metadata.get("quantizes"):
+                takes = ", ".join(sorted(quantizers.option_names(quantizer))) or "no options"
+                raise PtqError(f"{name} sets backend {cls.name}'s own INT8 quantization (quantizer=ort), not quantizer {quantizer}'s (which takes {takes}): drop it, or use quantizer=ort")
+        return parse_options(cls.Options, dict(given))
 
     def check(self, precision: str, onnx_only: bool = False) -> None:
         """Refuse an unsupported precision, a missing runtime or (`onnx_only`: model=*.onnx, no torch module) a
@@ -182,10 +140,9 @@ def options_class(name: str) -> Type[Any]:
     return backend_class(name).Options
 
 
-def option_params(options: Any) -> dict[str, str]:
-    """Every option of a backend (user-set or ptq-set) as MLflow params; unset ones (no path, no nodes) left out."""
-    values = {f.name: format_value(getattr(options, f.name)) for f in dataclasses.fields(options)}
-    return {k: v for k, v in values.items() if v != ""}
+def int8_setting(backend: str, name: str) -> bool:
+    """Whether option `name` of `backend` sets its own INT8 quantization (which another quantizer replaces)."""
+    return any(f.name == name and f.metadata.get("quantizes") for f in dataclasses.fields(options_class(backend)))
 
 
 def get_backend(name: str) -> Backend:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ptq import quantize
+from ptq.quantizers import ort as quantize
 from ptq.backends import Backend, Compressed, CompressJob, Session
 
 

@@ -25,7 +25,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ptq.backends import Backend, Compressed, CompressJob, Session, option
+from ptq.backends import Backend, Compressed, CompressJob, Session
+from ptq.options import option
 from ptq.backends.cuda import Cuda, open_cuda
 from ptq.data import cache_dir
 from ptq.errors import PtqError
@@ -92,12 +93,12 @@ class TensorRTOptions:
     """Builder settings, as `trtexec` users know them, and INT8 calibration: the tensorrt backend's options."""
 
     workspace_mb: int = option(1024, "TensorRT builder workspace limit (MiB)")
-    int8_mode: str = option("auto", "TensorRT INT8: auto, implicit (calibrator) or explicit (QDQ)")
+    int8_mode: str = option("auto", "TensorRT INT8: auto, implicit (calibrator) or explicit (QDQ)", quantizes=True)
     dla_core: int = option(-1, "Jetson DLA core for TensorRT (GPU fallback); -1 = GPU")
     timing_cache: Optional[Path] = option(None, "TensorRT timing cache file to reuse (default under $PTQ_CACHE_DIR)")
-    calib_method: str = option("minmax", "minmax, entropy or percentile (percentile: explicit INT8 only)")
-    keep_float: Tuple[str, ...] = option((), "ONNX node names kept in fp16 in an INT8 engine, comma-separated (mixed precision)")
-    calib_batch: int = option(8, "", user=False)
+    calib_method: str = option("minmax", "minmax, entropy or percentile (percentile: explicit INT8 only)", quantizes=True)
+    keep_float: Tuple[str, ...] = option((), "ONNX node names kept in fp16 in an INT8 engine, comma-separated (mixed precision)", quantizes=True)
+    calib_batch: int = option(8, "", user=False, quantizes=True)
 
     def validate(self) -> None:
         """Refuse impossible settings before any work is done."""
@@ -561,7 +562,7 @@ class TensorRTBackend(Backend):
         elif mode == "implicit":
             feed = self.calibration_feed(job, opts)
         elif job.precision == "fp16" and typed:  # strongly typed: FP16 comes from an FP16 ONNX (float32 I/O kept)
-            from ptq import quantize
+            from ptq.quantizers import ort as quantize
 
             source = quantize.to_fp16(job.fp32_onnx, job.workdir / "model_fp16.onnx")
         with job.phases("build"):

@@ -30,6 +30,7 @@ class TorchSession(Session):
 
 class TorchBackend(Backend):
     name = "torch"
+    runs_qdq = False  # it runs the torch module itself, not an ONNX file
     precisions = ("fp32", "fp16")
 
     def __init__(self) -> None:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ptq import quantize as ort_quantizer
+from ptq.quantizers import ort as ort_quantizer
 from ptq.phases import Phases
 from ptq.quantizers import qdq_rules
 
 
 def options(calib_method: str, keep_float: tuple[str, ...] = (), per_channel: bool = True) -> ort_quantizer.QuantOptions:
     """The quantizer settings TensorRT takes: symmetric int8 activations and weights, per-channel weight scales,
-    ModelOpt's layout of Q/DQ (`TENSORRT_EXTRA` in ptq/quantize.py); nodes in `keep_float` get no Q/DQ (TensorRT runs them in fp16)."""
+    ModelOpt's layout of Q/DQ (`TENSORRT_EXTRA` in ptq/quantizers/ort.py); nodes in `keep_float` get no Q/DQ (TensorRT runs them in fp16)."""
     return ort_quantizer.QuantOptions(
         calib_method=calib_method,
         per_channel=per_channel,

@@ -19,7 +19,7 @@ from unittest import mock
 import numpy as np
 import onnx
 
-from ptq.backends import option
+from ptq.options import option
 from ptq.errors import PtqError
 from ptq.export import input_name
 from ptq.phases import Phases
@@ -51,20 +51,20 @@ class QuantOptions:
     """ONNX Runtime's INT8 technique knobs, the ones the study compares: the ort backend's options. Defaults are the
     best measured on lite0/r50 here (BENCHMARKS.md)."""
 
-    calib_method: str = option("minmax", "minmax, entropy or percentile")
-    per_channel: bool = option(True, "Per-channel weight scales: true/false")
+    calib_method: str = option("minmax", "minmax, entropy or percentile", quantizes=True)
+    per_channel: bool = option(True, "Per-channel weight scales: true/false", quantizes=True)
     # int8 made r50 slower than FP32 on an AVX-512 VNNI CPU; auto: quantize with both, time both briefly, keep the faster
-    activation_type: str = option("uint8", "uint8, int8 or auto (both timed here, the faster kept)")
-    weight_type: str = option("int8", "int8 or uint8 weights")
-    quant_format: str = option("qdq", "qdq or qoperator")
-    percentile: float = option(99.999, "Percentile kept by calib_method=percentile")
+    activation_type: str = option("uint8", "uint8, int8 or auto (both timed here, the faster kept)", quantizes=True)
+    weight_type: str = option("int8", "int8 or uint8 weights", quantizes=True)
+    quant_format: str = option("qdq", "qdq or qoperator", quantizes=True)
+    percentile: float = option(99.999, "Percentile kept by calib_method=percentile", quantizes=True)
     # Histogram bins for entropy/percentile. ONNX Runtime's entropy default (128 bins, 128 quantized bins)
     # leaves a single candidate threshold, the full range, which makes it identical to minmax; 2048 is TensorRT's.
-    calib_bins: int = option(2048, "Histogram bins of entropy/percentile calibration")
-    keep_float: Tuple[str, ...] = option((), "ONNX node names kept in float, comma-separated, or a count k: the k that sensitivity ranks first (mixed precision)")
-    symmetric_activations: bool = option(False, "", user=False)  # TensorRT's explicit quantization needs symmetric int8 activations
-    tensorrt_layout: bool = option(False, "", user=False)  # Q/DQ laid out for TensorRT (TENSORRT_EXTRA), see ptq.quantizers.for_tensorrt
-    calib_batch: int = option(8, "", user=False)
+    calib_bins: int = option(2048, "Histogram bins of entropy/percentile calibration", quantizes=True)
+    keep_float: Tuple[str, ...] = option((), "ONNX node names kept in float, comma-separated, or a count k: the k that sensitivity ranks first (mixed precision)", quantizes=True)
+    symmetric_activations: bool = option(False, "", user=False, quantizes=True)  # TensorRT's explicit quantization needs symmetric int8 activations
+    tensorrt_layout: bool = option(False, "", user=False, quantizes=True)  # Q/DQ laid out for TensorRT (TENSORRT_EXTRA), see ptq.quantizers.for_tensorrt
+    calib_batch: int = option(8, "", user=False, quantizes=True)
 
     def keep_count(self) -> int | None:
         """k where `keep_float` asks for the k nodes sensitivity ranks first (a single number), else None."""

@@ -1,0 +1,106 @@
+"""AMD Quark's ONNX quantizer (`quark.onnx.ModelQuantizer`): int8 Q/DQ with CLE, bias correction, AdaRound or
+AdaQuant; the adapter `ptq.quantizers.child` runs, in Quark's environment (it pins onnx <= 1.22)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ptq.errors import PtqError
+from ptq.options import option
+
+NAME = "quark"
+DISTRIBUTION = "amd-quark"
+CALIB_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "mse": "MinMSE", "entropy": "Entropy"}
+# Quark's algorithm names (its pre- and post-quantization hooks' `algorithm` argument) -> ptq's phase names
+ALGORITHMS = {"CLE": "cle", "SmoothQuant": "smoothquant", "BiasCorrection": "bias_correction"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Quark's techniques and their settings; defaults are Quark's own (Int8Spec: symmetric, per-tensor, percentile)."""
+
+    per_channel: bool = option(False, "Per-channel weight scales: true/false")
+    calib_method: str = option("percentile", "Activation calibration: minmax, percentile, mse or entropy")
+    cle: bool = option(False, "Cross-layer equalization before quantizing: true/false")
+    bias_correction: bool = option(False, "Bias correction after quantizing: true/false")
+    adaround: bool = option(False, "AdaRound: learned rounding of the weights, layer by layer: true/false")
+    adaquant: bool = option(False, "AdaQuant: learned weights (and rounding), layer by layer: true/false")
+    iterations: int = option(1000, "AdaRound/AdaQuant optimisation iterations per layer")
+
+    def validate(self) -> None:
+        """Refuse unknown values and combinations before any work."""
+        if self.calib_method not in CALIB_METHODS:
+            raise PtqError(f"unknown calib_method {self.calib_method!r} for quantizer quark: use one of {', '.join(CALIB_METHODS)}")
+        if self.adaround and self.adaquant:
+            raise PtqError("adaround and adaquant both fine-tune the weights after quantizing: choose one")
+        if self.iterations < 1:
+            raise PtqError(f"iterations={self.iterations} must be at least 1")
+
+    def techniques(self) -> list[str]:
+        """What these options apply, in Quark's order."""
+        names = [("cle", self.cle), (self.calib_method, True), ("bias_correction", self.bias_correction), ("adaround", self.adaround), ("adaquant", self.adaquant)]
+        return [name for name, on in names if on]
+
+
+class _Reader:
+    """Calibration images one at a time, as Quark's CalibrationDataReader protocol reads them."""
+
+    def __init__(self, name: str, images: np.ndarray) -> None:
+        self.name, self.images, self.index = name, images, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(self.images):
+            return None
+        self.index += 1
+        return {self.name: self.images[self.index - 1 : self.index]}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mark: Callable[[str], None]) -> dict[str, Any]:
+    """`ModelQuantizer.quantize_model` with these techniques; Quark's calibration and its pre/post algorithm hooks
+    are wrapped, so each marks its own phase."""
+    import onnx
+    import quark.onnx.postprocess.postproc as post
+    import quark.onnx.preprocess.preproc as pre
+    import quark.onnx.quantization.quantize as quark_quantize
+    from quark.onnx import ModelQuantizer
+    from quark.onnx.quantization.config import QConfig, algorithm, spec
+
+    finetune = "adaround" if opts.adaround else "adaquant"
+
+    def phased(function: Callable[..., Any], phase: Callable[[dict[str, Any]], str]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            mark(phase(kwargs))
+            try:
+                return function(*args, **kwargs)
+            finally:
+                mark("quantize")
+
+        return wrapper
+
+    quark_quantize.run_calibration = phased(quark_quantize.run_calibration, lambda _: "calibrate")
+    pre.apply_pre_quant_algorithms = phased(pre.apply_pre_quant_algorithms, lambda kw: ALGORITHMS.get(kw.get("algorithm", ""), "preprocess"))
+    post.apply_post_quant_algorithms = phased(post.apply_post_quant_algorithms, lambda kw: finetune if kw.get("algorithm") == "FastFinetune" else ALGORITHMS.get(kw.get("algorithm", ""), "quantize"))
+    mark("quantize")
+    method = getattr(spec.CalibMethod, CALIB_METHODS[opts.calib_method])
+    granularity = spec.QuantGranularity.Channel if opts.per_channel else spec.QuantGranularity.Tensor
+    layer = spec.QLayerConfig(activation=spec.Int8Spec(calibration_method=method), weight=spec.Int8Spec(calibration_method=spec.CalibMethod.MinMax, quant_granularity=granularity))
+    algos: list[Any] = []
+    if opts.cle:
+        algos.append(algorithm.CLEConfig())
+    if opts.bias_correction:
+        algos.append(algorithm.BiasCorrectionConfig())
+    if opts.adaround:
+        algos.append(algorithm.AdaRoundConfig(num_iterations=opts.iterations, batch_size=1, num_batches=1))
+    if opts.adaquant:
+        algos.append(algorithm.AdaQuantConfig(num_iterations=opts.iterations, batch_size=1, num_batches=1))
+    name = onnx.load(str(model), load_external_data=False).graph.input[0].name
+    ModelQuantizer(QConfig(global_config=layer, algo_config=algos)).quantize_model(str(model), str(out), _Reader(name, calibration))
+    return {"calibration_images": len(calibration)}
