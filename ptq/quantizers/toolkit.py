@@ -167,7 +167,9 @@ def quantize(
         np.save(job.calibration, np.concatenate(list(batches)))
         (work / "quantizer_job.json").write_text(json.dumps(asdict(job)))
         with logfile.open("w") as out:
-            child = subprocess.Popen([python, "-m", "ptq.quantizers.child", str(work / "quantizer_job.json"), str(write)], stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(write,))
+            child = subprocess.Popen(  # in the work folder: toolkits write files where they run (Quark its quantized_info.csv)
+                [python, "-m", "ptq.quantizers.child", str(work / "quantizer_job.json"), str(write)], stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(write,), cwd=work
+            )
         os.close(write)
         stack.callback(_reap, child)
         if watch:
