@@ -45,7 +45,7 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
         raise PtqError(f"backend {cfg.backend} has no per-op profiler in ptq yet: use profile=false, or backend=ort")
     options = cfg.backend_options()
     technique = cfg.quantizer_options()
-    environment = toolkit.check(cfg.quantizer) if cfg.quantizer != quantizers.BUILT_IN else ""
+    environment = toolkit.check(cfg.quantizer, backend.qdq_target) if cfg.quantizer != quantizers.BUILT_IN else ""
     if environment and qdq is not None:
         raise PtqError(f"{qdq.path.name} is quantized already: give its FP32 model to quantize it with quantizer {cfg.quantizer}, or drop quantizer")
     if spec.onnx_path is not None:
@@ -199,7 +199,7 @@ def _execute(
             yield tensors.batch(calib_idx[s : s + batch_size])
 
     if cfg.quantizer != quantizers.BUILT_IN:
-        qdq_onnx = _toolkit_quantize(cfg.quantizer, technique, fp32_path, calib_batches(1), work, phases, monitor, rec)
+        qdq_onnx = _toolkit_quantize(cfg.quantizer, technique, fp32_path, calib_batches(1), work, phases, monitor, rec, backend.qdq_target)
     job = CompressJob(fp32_path, module, cfg.precision, calib_batches, options, phases, work, (cfg.batch_size, max(cfg.batch_size, cfg.eval_batch_size)), cfg.threads_used, qdq_onnx)
     compressed = backend.compress(job)
     with phases("build"):
@@ -253,12 +253,12 @@ def _execute(
 
 
 def _toolkit_quantize(
-    name: str, technique: Any, fp32_path: Path, batches: Iterator[np.ndarray], work: Path, phases: Phases, monitor: Monitor | None, rec: tracking.Recorder
+    name: str, technique: Any, fp32_path: Path, batches: Iterator[np.ndarray], work: Path, phases: Phases, monitor: Monitor | None, rec: tracking.Recorder, target: str
 ) -> Path:
-    """The QDQ model of toolkit quantizer `name`, made in its own process (its phases timed, its process sampled); its
-    record and log are logged, the log on failure too."""
+    """The QDQ model of toolkit quantizer `name` laid out for the backend's `target`, made in its own process (its
+    phases timed, its process sampled); its record and log are logged, the log on failure too."""
     try:
-        made = toolkit.quantize(name, technique, fp32_path, batches, work, phases, monitor.watch if monitor else None)
+        made = toolkit.quantize(name, technique, fp32_path, batches, work, phases, monitor.watch if monitor else None, target)
     finally:
         if (work / toolkit.LOG).is_file():
             rec.artifact(work / toolkit.LOG, "quantizer")

@@ -70,7 +70,7 @@ def write(
     name, given = quantizers.parse_spec(technique)
     toolkit_options = quantizers.options(name, given) if name != quantizers.BUILT_IN else None
     if toolkit_options is not None:
-        toolkit.check(name)
+        toolkit.check(name, backend)
     if backend not in QUANTIZERS:
         raise PtqError(f"ptq quantize makes QDQ models for backend {' or '.join(QUANTIZERS)}, not {backend!r}")
     if out.suffix != ".onnx":
@@ -107,7 +107,7 @@ def write(
     made = None
     if toolkit_options is not None:
         with tempfile.TemporaryDirectory(prefix="ptq-quantize-") as work:
-            made = toolkit.quantize(name, toolkit_options, fp32, batches(1), Path(work), phases)
+            made = toolkit.quantize(name, toolkit_options, fp32, batches(1), Path(work), phases, target=backend if backend == "tensorrt" else "")
             shutil.move(str(made.path), out)
         if backend == "tensorrt":
             qdq_rules.require(out)

@@ -184,3 +184,23 @@ def test_ptq_quantize_makes_a_toolkits_qdq_file_a_device_runs(lite0_onnx: Path, 
     qdq = prequantize.read(out)
     assert qdq is not None and qdq.fp32 == tmp_path / "lite0_nncf_qdq.fp32.onnx"
     assert qdq.numerics() == "int8 QDQ by nncf 3.4.0: minmax, fast_bias_correction; per-tensor weights"
+
+
+@pytest.mark.parametrize("name", ["quark", "aimet"])
+def test_for_tensorrt_quark_and_aimet_lay_out_qdq_that_passes_tensorrts_rules(name: str, lite0_onnx: Path, calibration: np.ndarray, tmp_path: Path) -> None:
+    from ptq import quantizers
+    from ptq.quantizers import qdq_rules
+
+    _toolkit(name)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "trt").mkdir()
+    plain = toolkit.quantize(name, quantizers.options(name, {}), lite0_onnx, iter([calibration[:4]]), tmp_path / "plain", Phases())
+    assert qdq_rules.violations(onnx.load(str(plain.path)))  # the toolkit's own layout: TensorRT refuses it
+    made = toolkit.quantize(name, quantizers.options(name, {}), lite0_onnx, iter([calibration[:4]]), tmp_path / "trt", Phases(), target="tensorrt")
+    assert qdq_rules.violations(onnx.load(str(made.path))) == [] and made.record["tensorrt"] is True
+    assert toolkit.describe(made.record).endswith("laid out for TensorRT")
+
+
+def test_nncf_for_tensorrt_is_refused_before_work() -> None:
+    with pytest.raises(PtqError, match="^quantizer nncf writes Q/DQ that TensorRT's rules refuse .*: use quantizer quark, aimet or ort with backend tensorrt"):
+        toolkit.check("nncf", "tensorrt")

@@ -77,6 +77,7 @@ class Backend(ABC):
     Options: ClassVar[Type[Any]] = NoOptions
 
     runs_qdq: ClassVar[bool] = True  # whether it runs the QDQ ONNX a quantizer other than `ort` writes
+    qdq_target: ClassVar[str] = ""  # the Q/DQ layout it needs from a quantizer: "" any, "tensorrt" TensorRT's rules
 
     @classmethod
     def options(cls, given: Mapping[str, str], quantizer: str = "ort") -> Any:

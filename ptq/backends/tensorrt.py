@@ -502,6 +502,7 @@ def check_dla(precision: str, options: TensorRTOptions, reference: bool) -> Tens
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    qdq_target = "tensorrt"  # a quantizer's Q/DQ must pass TensorRT's rules (ptq.quantizers.qdq_rules)
     profiles = True
     PROFILE_QUERIES = 100
     Options = TensorRTOptions

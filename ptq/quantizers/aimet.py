@@ -15,6 +15,7 @@ from ptq.options import option
 
 NAME = "aimet"
 DISTRIBUTION = "aimet-onnx"
+TENSORRT = True  # lays Q/DQ out as TensorRT takes it on request (symmetric signed activations, float network outputs)
 CALIB_METHODS = {"minmax": "min_max", "tf_enhanced": "tf_enhanced", "percentile": "percentile"}
 
 
@@ -44,9 +45,13 @@ class Options:
         return [name for name, on in names if on]
 
 
-def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mark: Callable[[str], None]) -> dict[str, Any]:
+def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mark: Callable[[str], None], tensorrt: bool) -> dict[str, Any]:
     """CLE on the float graph, a QuantizationSimModel, AdaRound or sequential MSE on its weights, encodings from the
-    calibration images, and its Q/DQ export: each step its own phase, as AIMET's API keeps them apart."""
+    calibration images, and its Q/DQ export: each step its own phase, as AIMET's API keeps them apart. For TensorRT
+    (`tensorrt`): symmetric activations exported as signed int8, and no quantizer on the network's outputs."""
+    import json
+    import tempfile
+
     import onnx
     from aimet_onnx import QuantizationSimModel, apply_adaround, apply_seq_mse
     from aimet_onnx.common.quantsim_config import quantsim_config
@@ -59,8 +64,17 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
         mark("cle")
         equalize_model(graph)
     mark("quantize")
-    config = Path(quantsim_config.__file__).parent / ("default_config_per_channel.json" if opts.per_channel else "default_config.json")
-    sim = QuantizationSimModel(graph, param_type="int8", activation_type="int8", quant_scheme=CALIB_METHODS[opts.calib_method], config_file=str(config))
+    config = json.loads((Path(quantsim_config.__file__).parent / ("default_config_per_channel.json" if opts.per_channel else "default_config.json")).read_text())
+    if tensorrt:
+        config["defaults"]["ops"]["is_symmetric"] = "True"
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out.parent) as file:
+        json.dump(config, file)
+        file.flush()
+        sim = QuantizationSimModel(graph, param_type="int8", activation_type="int8", quant_scheme=CALIB_METHODS[opts.calib_method], config_file=file.name)
+    if tensorrt:
+        for output in graph.graph.output:
+            if output.name in sim.qc_quantize_op_dict:
+                sim.qc_quantize_op_dict[output.name].enabled = False
     if opts.adaround:
         mark("adaround")
         apply_adaround(sim, inputs, num_iterations=opts.iterations)
@@ -70,5 +84,6 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
     mark("calibrate")
     sim.compute_encodings(inputs)
     mark("write")
-    onnx.save(sim.to_onnx_qdq(prequantize_constants=True), str(out))  # int8 weights in the file, as the other quantizers write them
+    qdq = sim.to_onnx_qdq(prequantize_constants=True, force_activation_as="signed" if tensorrt else "unsigned")  # int8 weights in the file
+    onnx.save(qdq, str(out))
     return {"calibration_images": len(calibration)}

@@ -39,8 +39,8 @@ def main(argv: list[str]) -> None:
     adapter = importlib.import_module(job["adapter"])
     options = adapter.Options(**job["options"])
     calibration = np.load(job["calibration"])
-    record = adapter.quantize(Path(job["model"]), calibration, Path(job["out"]), options, mark)
-    record = {"quantizer": adapter.NAME, "techniques": list(options.techniques()), "settings": job["options"], "versions": versions(adapter.DISTRIBUTION), **record}
+    record = adapter.quantize(Path(job["model"]), calibration, Path(job["out"]), options, mark, job["tensorrt"])
+    record = {"quantizer": adapter.NAME, "techniques": list(options.techniques()), "settings": job["options"], "tensorrt": job["tensorrt"], "versions": versions(adapter.DISTRIBUTION), **record}
     Path(job["record"]).write_text(json.dumps(record, indent=1))
     events.close()
 

@@ -15,6 +15,9 @@ from ptq.options import option
 
 NAME = "nncf"
 DISTRIBUTION = "nncf"
+# NNCF writes uint8 activations and per-channel activation scales (67 of TensorRT's Q/DQ rules broken on lite0), and its
+# hardware config refuses forcing signed activations: its files are for ONNX Runtime, not TensorRT
+TENSORRT = False
 BIAS_CORRECTIONS = ("fast", "full", "none")
 PRESETS = ("performance", "mixed")
 # NNCF's progress bars (nncf.common.logging.track_progress.track) by description -> the technique each belongs to
@@ -50,7 +53,7 @@ class Options:
         return [*(["smoothquant"] if self.smoothquant_alpha else []), "minmax", *([f"{self.bias_correction}_bias_correction"] if self.bias_correction != "none" else [])]
 
 
-def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mark: Callable[[str], None]) -> dict[str, Any]:
+def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mark: Callable[[str], None], tensorrt: bool) -> dict[str, Any]:
     """`nncf.quantize` on every calibration image (batch 1), its progress bars marking the techniques' phases."""
     import nncf
     import onnx

@@ -15,6 +15,7 @@ from ptq.options import option
 
 NAME = "quark"
 DISTRIBUTION = "amd-quark"
+TENSORRT = True  # lays Q/DQ out as TensorRT takes it on request (no INT32 biases, float network outputs)
 CALIB_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "mse": "MinMSE", "entropy": "Entropy"}
 # Quark's algorithm names (its pre- and post-quantization hooks' `algorithm` argument) -> ptq's phase names
 ALGORITHMS = {"CLE": "cle", "SmoothQuant": "smoothquant", "BiasCorrection": "bias_correction"}
@@ -63,9 +64,10 @@ class _Reader:
         self.index = 0
 
 
-def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mark: Callable[[str], None]) -> dict[str, Any]:
+def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mark: Callable[[str], None], tensorrt: bool) -> dict[str, Any]:
     """`ModelQuantizer.quantize_model` with these techniques; Quark's calibration and its pre/post algorithm hooks
-    are wrapped, so each marks its own phase."""
+    are wrapped, so each marks its own phase. For TensorRT (`tensorrt`): biases stay float and the ops that make the
+    network's outputs are not output-quantized (Int8Spec is symmetric int8 already), which TensorRT's rules want."""
     import onnx
     import quark.onnx.postprocess.postproc as post
     import quark.onnx.preprocess.preproc as pre
@@ -101,6 +103,8 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
         algos.append(algorithm.AdaRoundConfig(num_iterations=opts.iterations, batch_size=1, num_batches=1))
     if opts.adaquant:
         algos.append(algorithm.AdaQuantConfig(num_iterations=opts.iterations, batch_size=1, num_batches=1))
-    name = onnx.load(str(model), load_external_data=False).graph.input[0].name
-    ModelQuantizer(QConfig(global_config=layer, algo_config=algos)).quantize_model(str(model), str(out), _Reader(name, calibration))
+    graph = onnx.load(str(model), load_external_data=False).graph
+    outputs = {o.name for o in graph.output}
+    extra = {"QuantizeBias": False, "OpTypesToExcludeOutputQuantization": sorted({n.op_type for n in graph.node if outputs & set(n.output)})} if tensorrt else {}
+    ModelQuantizer(QConfig(global_config=layer, algo_config=algos, **extra)).quantize_model(str(model), str(out), _Reader(graph.input[0].name, calibration))
     return {"calibration_images": len(calibration)}

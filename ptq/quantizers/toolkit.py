@@ -95,9 +95,14 @@ def _importable(module: str) -> bool:
         return False
 
 
-def check(name: str) -> str:
-    """Before any work: the environment that will run quantizer `name`, in words (one line naming the fix if none)."""
-    python, how = python_for(TOOLKITS[name])
+def check(name: str, target: str = "") -> str:
+    """Before any work: the environment that will run quantizer `name` for a backend wanting `target`'s Q/DQ layout
+    ("tensorrt" or "" for any), in words; one line naming the fix where there is none or the toolkit cannot lay Q/DQ out so."""
+    kit = TOOLKITS[name]
+    if target == "tensorrt" and not importlib.import_module(kit.adapter).TENSORRT:
+        able = ", ".join(k for k, t in TOOLKITS.items() if importlib.import_module(t.adapter).TENSORRT)
+        raise PtqError(f"quantizer {name} writes Q/DQ that TensorRT's rules refuse (uint8 and per-channel activations): use quantizer {able} or ort with backend tensorrt")
+    python, how = python_for(kit)
     return f"{python} ({how})"
 
 
@@ -105,7 +110,8 @@ def describe(record: dict[str, Any]) -> str:
     """A toolkit's QDQ model in words, for the numerics tag: toolkit, version, techniques, weight scales."""
     kit = TOOLKITS[record["quantizer"]]
     scales = "per-channel" if record["settings"].get("per_channel") else "per-tensor"
-    return f"int8 QDQ by {kit.distribution} {record['versions'].get(kit.distribution, '?')}: {', '.join(record['techniques'])}; {scales} weights"
+    layout = ", laid out for TensorRT" if record.get("tensorrt") else ""
+    return f"int8 QDQ by {kit.distribution} {record['versions'].get(kit.distribution, '?')}: {', '.join(record['techniques'])}; {scales} weights{layout}"
 
 
 def make_env(name: str, root: Path | None = None) -> Path:
@@ -148,16 +154,20 @@ class Job:
     out: str
     record: str
     options: dict[str, Any]
+    tensorrt: bool  # Q/DQ laid out as TensorRT takes it
 
 
 def quantize(
-    name: str, options: Any, fp32: Path, batches: Iterator[np.ndarray], work: Path, phases: Phases, watch: Callable[[dict[str, int]], None] | None = None
+    name: str, options: Any, fp32: Path, batches: Iterator[np.ndarray], work: Path, phases: Phases,
+    watch: Callable[[dict[str, int]], None] | None = None, target: str = "",
 ) -> Quantized:
-    """Quantize `fp32` with toolkit `name` in a child process; each technique it announces becomes a phase of `phases`,
-    `watch` is told its pid (the monitor samples it). A failed child fails the run with its last lines."""
+    """Quantize `fp32` with toolkit `name` in a child process, Q/DQ laid out for `target` ("tensorrt", or "" for any
+    runtime); each technique it announces becomes a phase of `phases`, `watch` is told its pid (the monitor samples it).
+    A failed child fails the run with its last lines."""
     kit = TOOLKITS[name]
+    check(name, target)
     python, how = python_for(kit)
-    job = Job(kit.adapter, str(fp32), str(work / "calibration.npy"), str(work / "model_int8_qdq.onnx"), str(work / "quantizer_record.json"), asdict(options))
+    job = Job(kit.adapter, str(fp32), str(work / "calibration.npy"), str(work / "model_int8_qdq.onnx"), str(work / "quantizer_record.json"), asdict(options), target == "tensorrt")
     logfile = work / LOG
     read, write = os.pipe()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
