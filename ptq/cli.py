@@ -208,6 +208,7 @@ def sweep(
     backends: Annotated[str, typer.Option(help="Comma-separated backends")] = "ort",
     calib_methods: Annotated[str, typer.Option(help="Comma-separated INT8 calibration methods (default: the backend's)")] = "",
     quantizers_: Annotated[str, typer.Option("--quantizers", help="Comma-separated INT8 techniques, each quantizer[+option[=value]...]: ort,nncf+bias_correction=full,quark+adaround")] = "",
+    fleet: Annotated[str, typer.Option(help="Share the sweep with every device of this kind (device.kind) logging to the same store: true/false")] = "false",
 ) -> None:
     """Run a grid of models x precisions x backends (x quantizers) as child runs of one parent run; resumable.
 
@@ -218,7 +219,7 @@ def sweep(
     grid_models = [*sweeps.PRESETS.get(preset, ()), *_names(models_)]
     base = _run_config(ctx.args, model=grid_models[0] if grid_models else "", precision="fp32", backend="ort")
     with _stopped_by_signal(), _stdout_to_stderr():
-        result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), _names(calib_methods), _names(quantizers_))
+        result = sweeps.run_sweep(name or preset or "custom", base, grid_models, _names(precisions), _names(backends), _names(calib_methods), _names(quantizers_), fleet=_bool("fleet", fleet))
     table = Table(*summary.SWEEP_COLUMNS, title=f"sweep {result.parent_run_id}", title_justify="left")
     for child in tracking.child_runs(result.parent_run_id):
         table.add_row(*summary.sweep_row(child.data.params, child.data.metrics, child.info.status))

@@ -97,13 +97,14 @@ def _configure(base: RunConfig, combo: dict[str, str]) -> RunConfig:
     return replace(base, model=combo["model"], precision=combo["precision"], backend=combo["backend"], quantizer=quantizer, options=options)
 
 
-def resume_identity(fingerprint: dict[str, str], data_hash: str) -> dict[str, object]:
+def resume_identity(fingerprint: dict[str, str], data_hash: str, fleet: bool = False) -> dict[str, object]:
     """What must match for a finished run to stand for a combination: the device (its name, which reports key on,
-    and its machine id, which tells apart machines with one host name), the data's content, ptq's commit and
-    the library versions; a new commit, library or image set measures something new."""
+    and its machine id, which tells apart machines with one host name; with `fleet`, its kind, so every device of
+    that kind shares the sweep), the data's content, ptq's commit and the library versions; a new commit, library
+    or image set measures something new."""
+    device = {"kind": fingerprint["device.kind"]} if fleet else {"device": fingerprint["device.name"], "machine_id": fingerprint["device.machine_id"]}
     return {
-        "device": fingerprint["device.name"],
-        "machine_id": fingerprint["device.machine_id"],
+        **device,
         "commit": fingerprint["ptq.commit"],
         "versions": {k: v for k, v in fingerprint.items() if k.startswith("version.")},
         "data_hash": data_hash,
@@ -125,13 +126,15 @@ def run_sweep(
     calib_methods: list[str] | None = None,
     techniques: list[str] | None = None,
     *,
+    fleet: bool = False,
     target: Callable[[ChildJob], str] = run_child,
 ) -> SweepResult:
     """Run every combination as a child of one parent run, each in a fresh process (so a native crash costs one
     combination, and peak memory is each run's own); rerunning resumes where the last attempt stopped, and identical
     sweeps running at once share the work (a combination is claimed before it runs). The parent writes through a
-    Recorder, so a lost server moves it and the rest of the sweep offline. `target` is what each child runs: a
-    module-level function, as the spawned process imports it by name."""
+    Recorder, so a lost server moves it and the rest of the sweep offline. With `fleet`, every device of this kind
+    (`device.kind`) running the same sweep against one store joins it and splits the combinations. `target` is what
+    each child runs: a module-level function, as the spawned process imports it by name."""
     grid = combinations(models, precisions or list(PRECISIONS), backends or ["ort"], calib_methods or [base.options.get("calib_method", "")], techniques)
     if not grid:
         raise PtqError("the sweep is empty: give at least one model, precision and backend")
@@ -143,7 +146,7 @@ def run_sweep(
     fingerprint = tracking.fingerprint()  # identifies this device's runs; also the parent's tags
     assert base.data is not None  # validate() refused a sweep without data
     data_hash = data.scan(base.data).content_hash
-    identity = resume_identity(fingerprint, data_hash)
+    identity = resume_identity(fingerprint, data_hash, fleet)
     run_params = {k: v for k, v in base.params().items() if k not in ("model", "precision", "backend", "quantizer", "calib_method", "experiment")}
     key_params = {k: v for k, v in run_params.items() if k != "data"}  # the same images elsewhere are the same data
     sweep_key = _key(name, identity, grid, key_params)

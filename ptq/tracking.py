@@ -388,7 +388,9 @@ def _commit() -> str:
 
 def fingerprint() -> dict[str, str]:
     """Tags that identify the device and software a run measured, so runs from many devices can be compared.
-    `device.name` is what reports call the device: `PTQ_DEVICE_NAME` (`xavier-lab-2`), else host name and machine id."""
+    `device.name` is what reports call the device: `PTQ_DEVICE_NAME` (`xavier-lab-2`), else host name and machine id;
+    `device.kind` what makes devices interchangeable for a shared sweep: `PTQ_DEVICE_KIND` (`orin-agx-64-maxn`), else
+    CPU, cores, memory, GPU (a Jetson's board model) and architecture."""
     host, mid, cpuinfo = socket.gethostname(), machine_id(), _cpuinfo()
     tags = {
         "device.name": os.environ.get("PTQ_DEVICE_NAME") or f"{host}-{mid[:6]}",
@@ -409,6 +411,8 @@ def fingerprint() -> dict[str, str]:
             tags[f"version.{lib}"] = metadata.version(lib)
         except metadata.PackageNotFoundError:
             pass
+    ram = round(float(tags["device.ram_gb"]))  # whole GB: boards of one model differ by firmware carve-outs
+    tags["device.kind"] = os.environ.get("PTQ_DEVICE_KIND") or f"{tags['device.cpu']} x{tags['device.cores']}, {ram} GB, GPU {tags['device.gpu']}, {tags['device.arch']}"
     return tags
 
 

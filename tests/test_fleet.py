@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from unittest import mock
 from pathlib import Path
 
 import mlflow
@@ -171,6 +172,8 @@ def test_a_sigtermed_sync_says_so_exits_143_and_leaves_nothing_running(tmp_path:
 def fake_child(job: sweep.ChildJob) -> str:
     """In the child process: a cheap run of the combination; the server (process group FLEET_SERVER_PGID) is killed
     during (FLEET_LOSE=during) or right after (after) the fp32 run."""
+    if os.environ.get("FLEET_BOARD"):  # the board the sweep runs on (see SWEEP_SCRIPT)
+        tracking._raw_machine_id = lambda: os.environ["FLEET_BOARD"]  # type: ignore[assignment]
     tracking.select_store()  # as pipeline.run does
     lose = os.environ.get("FLEET_LOSE", "") if job.cfg.precision == "fp32" else ""
     params = {"model": job.cfg.model, "precision": job.cfg.precision, "backend": job.cfg.backend}
@@ -228,25 +231,31 @@ def test_server_lost_mid_sweep_goes_on_offline_and_sync_completes_it(small_dir: 
 
 
 SWEEP_SCRIPT = """
-import logging, sys, time
+import logging, os, sys, time
 sys.path.insert(0, {tests!r})
-from ptq import sweep
+from ptq import sweep, tracking
 from ptq.config import RunConfig
 from test_fleet import fake_child
+if os.environ.get("FLEET_BOARD"):  # another board: its own machine id (the sweep claims with it), one kind for all
+    tracking._raw_machine_id = lambda: os.environ["FLEET_BOARD"]
 logging.basicConfig(level=logging.WARNING)
 started = time.monotonic()
 result = sweep.run_sweep({name!r}, RunConfig(model="mob-s", weights="random", data={data!r}, split_seed={seed}, monitor=False, progress=False),
-                         ["mob-s", "mob-l"], ["fp32", "fp16"], target=fake_child)
+                         ["mob-s", "mob-l"], ["fp32", "fp16"], fleet={fleet!r}, target=fake_child)
 print(len(result.passed), len(result.skipped), len(result.failed), f"{{time.monotonic() - started:.1f}}", result.parent_run_id)
 """
 
 
-def concurrent_sweeps(n: int, name: str, uri: str, data: Path, cache: Path) -> tuple[float, list[list[str]]]:
-    """`n` identical sweeps of 4 combinations started at once (fake children that work 3 s each); (wall s, their reports)."""
-    script = SWEEP_SCRIPT.format(tests=str(Path(__file__).parent), name=name, data=str(data), seed=n)  # combinations of its own
+def concurrent_sweeps(n: int, name: str, uri: str, data: Path, cache: Path, boards: bool = False) -> tuple[float, list[list[str]]]:
+    """`n` identical sweeps of 4 combinations started at once (fake children that work 3 s each), each on a board of
+    its own (`boards`: a machine id each, shared with `--fleet`); (wall s, their reports)."""
+    script = SWEEP_SCRIPT.format(tests=str(Path(__file__).parent), name=name, data=str(data), seed=n, fleet=boards)  # combinations of its own
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PTQ_CACHE_DIR": str(cache), "FLEET_WORK_S": "3", "FLEET_LOSE": ""}
     started = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env={**env, "FLEET_BOARD": f"board-{i}" if boards else ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(n)
+    ]
     reports = []
     for p in procs:
         out, err = p.communicate(timeout=600)
@@ -275,6 +284,24 @@ def test_two_identical_sweeps_at_once_share_the_combinations(small_dir: Path, tm
         after = counts(uri, tmp_path)
         assert before == (0, 0, 0) and after == (5, 0, 0)  # a parent and 4 children, nothing more
     print(f"\n2 sweeps at once: {wall:.1f} s wall, (ran, skipped, failed) per sweep {[r[:3] for r in reports]}, runs {before[0]} -> {after[0]}")
+
+
+def board_id(board: str) -> str:
+    """The machine id a board with this raw id logs."""
+    with mock.patch.object(tracking, "_raw_machine_id", lambda: board):
+        return tracking.machine_id()
+
+
+def test_two_boards_of_one_kind_split_a_fleet_sweep(small_dir: Path, tmp_path: Path) -> None:
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as uri:
+        wall, reports = concurrent_sweeps(2, "fleet", uri, small_dir, tmp_path / "cache", boards=True)
+        check_shared(uri, "fleet", 2, reports)
+        assert counts(uri, tmp_path) == (5, 0, 0)  # a parent and 4 children, not a sweep per board
+        client = MlflowClient(uri)
+        children = client.search_runs([client.get_experiment_by_name("ptq").experiment_id], "tags.`ptq.combo_key` != ''")  # type: ignore[union-attr]
+        ran_on = {board_id(f"board-{i}") for i, r in enumerate(reports) if int(r[0])}
+        assert {r.data.tags["device.machine_id"] for r in children} == ran_on  # each child was run by the board that claimed it
+    print(f"\n2 boards, one fleet sweep: {wall:.1f} s wall, (ran, skipped, failed) per board {[r[:3] for r in reports]}")
 
 
 @pytest.mark.slow  # up to four sweep processes on this machine's cores
