@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,7 @@ def to_onnx(module: nn.Module, crop: int, path: Path) -> Path:
     dummy = torch.zeros(1, 3, crop, crop)
     # The TorchScript exporter: torch 2.9+ defaults to the dynamo one, which `dynamo=False` (2.4+) declines.
     legacy: dict[str, Any] = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    with warnings.catch_warnings(), torch.inference_mode():
+    with warnings.catch_warnings(), torch.inference_mode(), _attention_unfused():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(
             module,
@@ -42,6 +44,25 @@ def to_onnx(module: nn.Module, crop: int, path: Path) -> Path:
         )
     check(path)
     return path
+
+
+@contextmanager
+def _attention_unfused() -> Iterator[None]:
+    """In eval mode torch's nn.MultiheadAttention takes a fused fast path (aten::_native_multi_head_attention) that
+    no ONNX opset has, so ViT, Swin and MaxViT fail to export; without it attention exports as MatMul and Softmax,
+    the same numbers."""
+    import torch
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # torch before 2.1 decides per call
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 PREPROCESSING = "ptq.preprocessing"  # metadata key: how images must be prepared for this model (JSON)

@@ -85,6 +85,7 @@ ONLY_WHERE: dict[str, dict[str, set[str]]] = {
     "activation_type": _INT8,
     "weight_type": _INT8,
     "quant_format": _INT8,
+    "quant_mode": _INT8,
     "symmetric_activations": _INT8,
     "calib_batch": _INT8,
     "percentile": {**_INT8, CALIBRATION: {"percentile"}},

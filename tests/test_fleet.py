@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from ptq import sweep, sync, tracking
 from ptq.config import RunConfig
-from test_server import kill_server, mlflow_server
+from test_server import kill_server, mlflow_server, postgres  # noqa: F401 (postgres: a fixture)
 
 BIN = Path(sys.executable).parent
 ARTIFACT_BYTES = 300_000  # each offline run's file artifact; its model file is a third of it
@@ -77,10 +77,10 @@ def uploaded_count(err: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("stores", [pytest.param("one store", marks=pytest.mark.slow), "a copy per machine"])  # the lock is the simpler half
-def test_two_syncs_at_once_upload_each_offline_run_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stores: str) -> None:
+def test_two_syncs_at_once_upload_each_offline_run_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stores: str, backend_store: str) -> None:
     """One store: its per-run lock serializes them. A copy per machine (no file shared): the server claim does."""
     monkeypatch.setenv("PTQ_CACHE_DIR", str(tmp_path / "cache"))
-    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as uri:
+    with mlflow_server(backend_store, tmp_path) as uri:
         ids = offline_runs(tmp_path / "cache", uri, 3, tmp_path)
         caches = [tmp_path / "cache", tmp_path / "cache"]
         if stores == "a copy per machine":
@@ -276,8 +276,14 @@ def check_shared(uri: str, name: str, n: int, reports: list[list[str]]) -> None:
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 4
 
 
-def test_two_identical_sweeps_at_once_share_the_combinations(small_dir: Path, tmp_path: Path) -> None:
-    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as uri:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def backend_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The server's backend store: SQLite by default, a real PostgreSQL cluster in the slow set."""
+    return f"sqlite:///{tmp_path / 'server.db'}" if request.param == "sqlite" else str(request.getfixturevalue("postgres"))
+
+
+def test_two_identical_sweeps_at_once_share_the_combinations(small_dir: Path, tmp_path: Path, backend_store: str) -> None:
+    with mlflow_server(backend_store, tmp_path) as uri:
         before = counts(uri, tmp_path)
         wall, reports = concurrent_sweeps(2, "pair", uri, small_dir, tmp_path / "cache")
         check_shared(uri, "pair", 2, reports)
@@ -292,8 +298,8 @@ def board_id(board: str) -> str:
         return tracking.machine_id()
 
 
-def test_two_boards_of_one_kind_split_a_fleet_sweep(small_dir: Path, tmp_path: Path) -> None:
-    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as uri:
+def test_two_boards_of_one_kind_split_a_fleet_sweep(small_dir: Path, tmp_path: Path, backend_store: str) -> None:
+    with mlflow_server(backend_store, tmp_path) as uri:
         wall, reports = concurrent_sweeps(2, "fleet", uri, small_dir, tmp_path / "cache", boards=True)
         check_shared(uri, "fleet", 2, reports)
         assert counts(uri, tmp_path) == (5, 0, 0)  # a parent and 4 children, not a sweep per board

@@ -55,6 +55,9 @@ class OrtBackend(Backend):
         k = opts.keep_count()
         if k is not None:
             opts, tags = self._keep_most_sensitive(job, opts, k)
+        if opts.quant_mode == "dynamic":  # nothing to calibrate: weights now, activations at run time
+            quantize.to_int8_dynamic(job.fp32_onnx, out, opts, job.phases)
+            return Compressed(out, numerics=quantize.describe(opts), tags=tags)
         cache = job.workdir / "calibration_ranges.json"
         if opts.activation_type == "auto":
             return self._faster_activation(job, opts, out, cache, tags)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 QUANT_FORMATS = {"qdq": "QDQ", "qoperator": "QOperator"}
+QUANT_MODES = ("static", "dynamic")
 
 
 def ort_enums(options: QuantOptions) -> dict[str, Any]:
@@ -62,6 +63,9 @@ class QuantOptions:
     # leaves a single candidate threshold, the full range, which makes it identical to minmax; 2048 is TensorRT's.
     calib_bins: int = option(2048, "Histogram bins of entropy/percentile calibration", quantizes=True)
     keep_float: Tuple[str, ...] = option((), "ONNX node names kept in float, comma-separated, or a count k: the k that sensitivity ranks first (mixed precision)", quantizes=True)
+    # dynamic: int8 weights, activations' ranges found per batch at run time (quantize_dynamic): no calibration, the
+    # usual CPU choice for transformers; static: ranges calibrated beforehand (quantize_static)
+    quant_mode: str = option("static", "INT8 by ONNX Runtime: static (calibrated) or dynamic (activations quantized at run time)", quantizes=True)
     symmetric_activations: bool = option(False, "", user=False, quantizes=True)  # TensorRT's explicit quantization needs symmetric int8 activations
     tensorrt_layout: bool = option(False, "", user=False, quantizes=True)  # Q/DQ laid out for TensorRT (TENSORRT_EXTRA), see ptq.quantizers.for_tensorrt
     calib_batch: int = option(8, "", user=False, quantizes=True)
@@ -77,11 +81,14 @@ class QuantOptions:
             ("activation_type", self.activation_type, [*QUANT_TYPES, "auto"]),
             ("weight_type", self.weight_type, QUANT_TYPES),
             ("quant_format", self.quant_format, QUANT_FORMATS),
+            ("quant_mode", self.quant_mode, QUANT_MODES),
         ):
             if value not in allowed:
                 raise PtqError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
         if not 0 < self.percentile <= 100:
             raise PtqError(f"percentile={self.percentile} must be in (0, 100]")
+        if self.quant_mode == "dynamic" and self.activation_type != "uint8":
+            raise PtqError(f"quant_mode=dynamic quantizes activations to uint8 at run time (DynamicQuantizeLinear): drop activation_type={self.activation_type}")
         if self.calib_bins < 256:
             raise PtqError(f"calib_bins={self.calib_bins} must be at least 256 (entropy needs more bins than its 128 quantized bins)")
 
@@ -179,8 +186,9 @@ def preprocess(src: Path, dst: Path) -> tuple[Path, str]:
     try:
         quant_pre_process(str(src), str(dst))
     except Exception as exc:
-        log.warning("ONNX Runtime pre-processing failed (%s); quantizing the un-preprocessed model", exc)
-        return src, f"raw graph: quant_pre_process failed ({str(exc).splitlines()[0][:150]})"
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]  # some of its errors carry no message
+        log.warning("ONNX Runtime pre-processing failed (%s); quantizing the un-preprocessed model", why)
+        return src, f"raw graph: quant_pre_process failed ({why})"
     return dst, "pre-processed (quant_pre_process)"
 
 
@@ -269,9 +277,27 @@ def quantize_from_ranges(src: Path, dst: Path, ranges: Any, calib_cache: Path, o
         quantize_static(str(src), str(dst), batch_reader(input_name(src), iter(())), **kwargs)
 
 
+def to_int8_dynamic(src: Path, dst: Path, options: QuantOptions, phases: Phases) -> None:
+    """Dynamic INT8 (ONNX Runtime's quantize_dynamic): int8 weights of MatMul/Gemm/Conv..., each activation's range
+    taken per batch at run time, so nothing is calibrated; nodes in `keep_float` stay float."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    options.validate()
+    check_keep_float(src, options.keep_float)
+    kwargs: dict[str, Any] = {"per_channel": options.per_channel, "weight_type": getattr(QuantType, QUANT_TYPES[options.weight_type])}
+    if options.keep_float:
+        kwargs["nodes_to_exclude"] = list(options.keep_float)
+    with phases("quantize"), _quiet_root_logger():
+        quantize_dynamic(str(src), str(dst), **kwargs)
+
+
 def describe(options: QuantOptions) -> str:
     """The INT8 scheme in words, for the run's numerics tag."""
     scales = "per-channel" if options.per_channel else "per-tensor"
+    if options.quant_mode == "dynamic":
+        return f"int8 dynamic (quantize_dynamic: DynamicQuantizeLinear, MatMulInteger/ConvInteger): {options.weight_type} {scales} weights, uint8 activations quantized per batch at run time" + (
+            f"; {len(options.keep_float)} nodes kept in float" if options.keep_float else ""
+        )
     symmetry = "symmetric" if options.symmetric_activations else "asymmetric"
     return (
         f"int8 {options.quant_format.upper()}: {options.weight_type} {scales} weights, "
