@@ -27,16 +27,20 @@ SPECS = [
     "quark+calib_method=minmax+adaround+iterations=50", "quark+calib_method=minmax+per_channel",
     "aimet+per_channel=false", "aimet+per_channel=false+seq_mse", "aimet+per_channel=false+adaround+iterations=50", "aimet",
 ]  # fmt: skip
-QUICK = ["ort", "ort+per_channel=false", "nncf+per_channel=false+bias_correction=full", "quark+calib_method=minmax+adaround+iterations=50", "aimet+per_channel=false"]
+QUICK = [
+    "ort", "ort+per_channel=false", "nncf+per_channel=false+bias_correction=full",
+    "quark+calib_method=minmax+adaround+iterations=50", "quark+calib_method=minmax+activation_type=uint8+adaround+iterations=50", "aimet+per_channel=false",
+]  # fmt: skip
 PHASES = ("toolkit_start", "preprocess", "cle", "calibrate", "bias_correction", "adaround", "seq_mse", "quantize", "write")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lite0")
-    parser.add_argument("--quick", action="store_true", help="five specs instead of fourteen")
+    parser.add_argument("--quick", action="store_true", help="six specs instead of fourteen")
+    parser.add_argument("--specs", default="", help="comma-separated quantizer specs instead (see ptq sweep --quantizers)")
     args = parser.parse_args()
-    specs = QUICK if args.quick else SPECS
+    specs = args.specs.split(",") if args.specs else QUICK if args.quick else SPECS
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{WORK / 'mlflow.db'}", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "ptq.cli", "sweep", "--name", "techniques", "--models", args.models, "--precisions", "int8",
                "--quantizers", ",".join(specs), "--data", str(DATA), "--calib-size", "100", "--min-queries", "300", "--min-duration-s", "3",
@@ -52,7 +56,7 @@ def main() -> None:
         if r.get("status") != "FINISHED":
             print(f"| {r['params.model']} | {r['params.quantizer']} | FAILED | | | | | | | |")
             continue
-        technique = r.get("tags.numerics.qdq") or r.get("tags.numerics.model")
+        technique = r.get("tags.numerics.qdq") if isinstance(r.get("tags.numerics.qdq"), str) else r.get("tags.numerics.model")
         granularity = "per-channel" if str(r.get("params.per_channel")) == "true" else "per-tensor"
         phases = ", ".join(f"{p} {r[f'metrics.compress/{p}_s']:.1f}" for p in PHASES if f"metrics.compress/{p}_s" in r and r[f"metrics.compress/{p}_s"] == r[f"metrics.compress/{p}_s"] and r[f"metrics.compress/{p}_s"] >= 0.05)
         toolkit_peak = r.get("metrics.compress/quantizer_worker_peak_rss_mb")

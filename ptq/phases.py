@@ -11,7 +11,7 @@ Listener = Callable[[Optional[str]], None]
 
 # The phases that make up compression, in run order; their times sum to compress/total_s. A toolkit quantizer
 # (ptq.quantizers.toolkit) adds its start-up and each technique it applies.
-TECHNIQUE_PHASES = ("toolkit_start", "cle", "smoothquant", "channel_alignment", "bias_correction", "adaround", "adaquant", "seq_mse", "write")
+TECHNIQUE_PHASES = ("toolkit_start", "cle", "smoothquant", "bias_correction", "adaround", "adaquant", "seq_mse", "write")
 COMPRESS_PHASES = ("export", "sensitivity", "preprocess", *TECHNIQUE_PHASES[:1], "calibrate", *TECHNIQUE_PHASES[1:], "quantize", "select", "convert", "build")
 
 

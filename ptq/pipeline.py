@@ -232,7 +232,8 @@ def _execute(
             profiles = {prefix: backend.profile(m, batch, cfg.threads_used) for prefix, m in models_run.items()}
         _log_profile(rec, work, cfg.precision, profiles, compressed)
 
-    if cfg.weights == "pretrained" and eval_idx:
+    measured = cfg.weights == "pretrained"  # random weights: no accuracy, but the fidelity to FP32 where eval_size asks for images
+    if eval_idx and (measured or cfg.eval_size):
         labels = np.asarray([dataset.labels[i] for i in eval_idx])
         accuracy = {}
         for prefix, sess in sessions.items():
@@ -240,15 +241,19 @@ def _execute(
                 monitor.count_images(f"{prefix}evaluate", len(eval_idx))
             with phases(f"{prefix}evaluate"):
                 accuracy[prefix] = bench.evaluate(sess, tensors, eval_idx, labels, cfg.eval_batch_size, f"evaluate {prefix or cfg.precision}", cfg.progress)
-            rec.metrics({f"acc/{prefix}top1": accuracy[prefix].top1, f"acc/{prefix}top5": accuracy[prefix].top5})  # kept if the next one fails
+            if measured:
+                rec.metrics({f"acc/{prefix}top1": accuracy[prefix].top1, f"acc/{prefix}top5": accuracy[prefix].top5})  # kept if the next one fails
         acc, reference = accuracy[""], accuracy.get("fp32_", accuracy[""])
-        drop = 100 * (reference.top1 - acc.top1)
-        rec.metrics({"acc/top1_drop_pt": drop, "acc/top5_drop_pt": 100 * (reference.top5 - acc.top5)})
-        if "fp32_" in accuracy:
-            rec.metrics({"acc/top1_drop_p": bench.mcnemar_p(acc.top5_pred[:, 0] == labels, reference.top5_pred[:, 0] == labels)})
-        else:  # an fp32 run is its own reference
-            rec.metrics({"acc/fp32_top1": acc.top1, "acc/fp32_top5": acc.top5})
-        _log_predictions(rec, work, dataset, eval_idx, acc, reference)
+        if "fp32_" in accuracy:  # label-free: what quantization changed, on any images
+            rec.metrics(bench.fidelity(acc, reference))
+        if measured:
+            drop = 100 * (reference.top1 - acc.top1)
+            rec.metrics({"acc/top1_drop_pt": drop, "acc/top5_drop_pt": 100 * (reference.top5 - acc.top5)})
+            if "fp32_" in accuracy:
+                rec.metrics({"acc/top1_drop_p": bench.mcnemar_p(acc.top5_pred[:, 0] == labels, reference.top5_pred[:, 0] == labels)})
+            else:  # an fp32 run is its own reference
+                rec.metrics({"acc/fp32_top1": acc.top1, "acc/fp32_top5": acc.top5})
+            _log_predictions(rec, work, dataset, eval_idx, acc, reference)
     del sessions, session
 
 

@@ -61,6 +61,8 @@ COLUMNS: dict[str, str | tuple[str, str]] = {
     "top1": "metrics.acc/top1",
     "fp32_top1": "metrics.acc/fp32_top1",
     "drop_pt": "metrics.acc/top1_drop_pt",
+    "top1_agreement": "metrics.fidelity/top1_agreement",  # label-free, against FP32 on the same images
+    "kl_to_fp32": "metrics.fidelity/kl_mean",
     "energy_per_img_j": "metrics.latency/energy_per_img_j",
 }
 # Params that are not the configuration measured, so they never split rows: where the data lives (`data_hash` is

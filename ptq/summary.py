@@ -48,6 +48,9 @@ def rows(params: Mapping[str, str], tags: Mapping[str, str], metrics: Mapping[st
         drop = f"drop {100 * (ref - top1):+.2f} points" if precision != "fp32" else "the reference"
         p = m("acc/top1_drop_p")
         out.append(("top-1, fp32 → model", f"{100 * ref:.2f} % → {100 * top1:.2f} % ({drop}" + (f", McNemar p = {p:.2g})" if p is not None else ")")))
+    if (agreement := m("fidelity/top1_agreement")) is not None:  # label-free: what quantization changed, on any images
+        kl = m("fidelity/kl_mean")
+        out.append(("fidelity to fp32 (no labels)", f"top-1 agreement {100 * agreement:.2f} %" + (f", KL {kl:.3g}" if kl is not None else "")))
     if (p50 := m("latency/p50_ms")) is not None:
         p99 = m("latency/p99_ms")
         worker = ", a worker process per model" if params.get("latency_process") == "worker" and "ptq.latency_process" not in tags else ""

@@ -41,6 +41,28 @@ def test_top5_matches_a_full_sort_and_scores_top1_top5() -> None:
     assert acc.top1 == 0.5 and acc.top5 == 1.0
 
 
+def test_fidelity_is_top1_agreement_and_the_kl_of_fp32s_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scipy import stats
+
+    monkeypatch.setattr(bench, "FIDELITY_IMAGES", 50)  # distributions kept for the first 50 images only
+    rng = np.random.default_rng(1)
+    n = 70
+    fp32 = rng.normal(size=(n, 1000)).astype(np.float32)
+    model = fp32 + rng.normal(scale=0.3, size=fp32.shape).astype(np.float32)
+    model[:7] = rng.normal(size=(7, 1000))  # 7 images whose outputs quantization scrambled
+    pixels = np.zeros((n, 3, 2, 2), np.uint8)
+    pixels[:, 0, 0, 0] = np.arange(n)
+    tensors = Tensors.of(pixels, np.ones(n, bool), Transform(2, 2, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)))
+    labels = np.zeros(n, int)
+    ref, mine = (bench.evaluate(Lookup(x), tensors, list(range(n)), labels, batch_size=32, progress=False) for x in (fp32, model))
+    assert ref.log_probs is not None and ref.log_probs.shape == (50, 1000)
+    got = bench.fidelity(mine, ref)
+    assert got["fidelity/top1_agreement"] == float((fp32.argmax(1) == model.argmax(1)).mean())
+    softmax = lambda x: np.exp(x - x.max(1, keepdims=True)) / np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+    want = np.mean([stats.entropy(p, q) for p, q in zip(softmax(fp32[:50].astype(np.float64)), softmax(model[:50].astype(np.float64)))])
+    assert got["fidelity/kl_mean"] == pytest.approx(want, rel=1e-4)
+
+
 class FakeClock:
     """A clock that only moves when a fake session runs."""
 

@@ -30,6 +30,7 @@ SCALARS = {
     "throughput/fp32_img_s", "latency/queries", "latency/blocks", "latency/seconds",
     "speedup/p50", "speedup/p50_ci95_low", "speedup/p50_ci95_high",
     "acc/top1", "acc/top5", "acc/fp32_top1", "acc/fp32_top5", "acc/top1_drop_pt", "acc/top5_drop_pt", "acc/top1_drop_p",
+    "fidelity/top1_agreement", "fidelity/kl_mean",
 }  # fmt: skip
 ENERGY = {"latency/energy_per_img_j", "evaluate/energy_per_img_j"}  # where a power source is on
 GPU_COMPUTE = {"latency/gpu_compute_p50_ms", "latency/fp32_gpu_compute_p50_ms", "speedup/gpu_compute_p50"}  # where sessions have a device clock (TensorRT)
@@ -104,7 +105,7 @@ def test_scalar_metrics_are_few_and_pinned(run: mlflow.entities.Run) -> None:
     scalars = {k for k in run.data.metrics if not k.startswith("system/")}
     power = any(run.data.tags.get(f"monitor.{source}", "").startswith("on") for source in ("nvml", "jetson", "rapl"))  # jetson: "on (jtop)"...
     assert scalars == SCALARS | (ENERGY if power else set())
-    assert len(SCALARS) <= 41 and not any(k.startswith("phase/") for k in run.data.metrics)
+    assert len(SCALARS) <= 43 and not any(k.startswith("phase/") for k in run.data.metrics)
 
 
 def test_report_reads_the_phases_table(run: mlflow.entities.Run, tmp_path: Path) -> None:

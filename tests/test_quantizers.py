@@ -54,7 +54,7 @@ def test_options_go_to_their_owner_and_only_the_chosen_quantizers_are_logged() -
     cfg.validate()
     params = cfg.params()
     assert (params["quantizer"], params["adaround"], params["iterations"], params["per_channel"]) == ("quark", "true", "7", "true")
-    assert "activation_type" not in params and "calib_bins" not in params  # backend ort's own INT8 settings did not run
+    assert "weight_type" not in params and "calib_bins" not in params and params["activation_type"] == "int8"  # ort's own INT8 settings did not run: quark's did
     assert "adaquant" in params and "seq_mse" not in params  # quark's own options, not aimet's
     own = RunConfig(model="lite0", data=Path(".")).params()
     assert own["quantizer"] == "ort" and own["activation_type"] == "uint8" and "adaround" not in own
@@ -64,11 +64,13 @@ def test_options_go_to_their_owner_and_only_the_chosen_quantizers_are_logged() -
     ("quantizer", "precision", "backend", "options", "message"),
     [
         ("nncf", "int8", "ort", {"calib_method": "entropy"}, "calib_method sets backend ort's own INT8 quantization (quantizer=ort), not quantizer nncf's"),
-        ("nncf", "int8", "ort", {"adaround": "true"}, "adaround is an option of quantizer quark or quantizer aimet, not of backend ort"),
+        ("nncf", "int8", "ort", {"adaround": "true"}, "adaround is an option of quantizer quark or quantizer aimet, not of ort .*; quantizer nncf takes bias_correction, nncf_preset, per_channel, smoothquant_alpha"),
         ("quark", "fp16", "ort", {}, "quantizer quark makes INT8 models: use precision=int8, or quantizer=ort for fp16"),
         ("aimet", "int8", "torch", {}, "quantizer aimet writes a QDQ ONNX, which backend torch cannot run"),
         ("quark", "int8", "ort", {"adaround": "true", "adaquant": "true"}, "adaround and adaquant both fine-tune the weights after quantizing: choose one"),
         ("nncf", "int8", "ort", {"bias_correction": "slow"}, "unknown bias_correction 'slow': use one of fast, full, none"),
+        ("quark", "int8", "ort", {"bias_correction": "true", "calib_method": "entropy"}, "Quark's bias correction works with calib_method minmax or percentile, not entropy"),
+        ("aimet", "int8", "ort", {"seq_mse": "true", "calib_method": "tf_enhanced"}, "AIMET's sequential MSE needs the minmax quant scheme"),
         ("openvino", "int8", "ort", {}, "unknown quantizer 'openvino': use one of ort, nncf, quark, aimet"),
     ],
 )
@@ -133,6 +135,7 @@ def test_aimet_cle_then_min_max_writes_int8_weights(lite0_onnx: Path, calibratio
     _toolkit("aimet")
     made, phases, _ = _quantize("aimet", {"cle": "true", "per_channel": "false"}, lite0_onnx, calibration[:4], tmp_path)
     assert made.record["techniques"] == ["cle", "minmax"] and made.record["versions"]["aimet-onnx"] == "2.42.0"
+    assert made.record["relu6_made_relu"] > 0 and "ReLU6 into ReLU: the float network changed" in toolkit.describe(made.record)  # lite0's ReLU6 between convs
     assert {"toolkit_start", "cle", "quantize", "calibrate", "write"} <= set(phases.seconds)
     weights = [i for i in onnx.load(str(made.path)).graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert len(weights) >= 49  # the weights are stored as int8, so the file is smaller than FP32's
@@ -204,3 +207,17 @@ def test_for_tensorrt_quark_and_aimet_lay_out_qdq_that_passes_tensorrts_rules(na
 def test_nncf_for_tensorrt_is_refused_before_work() -> None:
     with pytest.raises(PtqError, match="^quantizer nncf writes Q/DQ that TensorRT's rules refuse .*: use quantizer quark, aimet or ort with backend tensorrt"):
         toolkit.check("nncf", "tensorrt")
+
+
+def test_quark_uint8_activations_are_asymmetric_uint8(lite0_onnx: Path, calibration: np.ndarray, tmp_path: Path) -> None:
+    _toolkit("quark")
+    made, _, _ = _quantize("quark", {"activation_type": "uint8", "calib_method": "minmax"}, lite0_onnx, calibration[:4], tmp_path)
+    graph = onnx.load(str(made.path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    kinds = {inits[n.input[2]].data_type for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+    assert onnx.TensorProto.UINT8 in kinds  # activations: what ONNX Runtime's x86 kernels run as u8s8
+    from ptq import quantizers
+
+    (tmp_path / "trt").mkdir()
+    with pytest.raises(PtqError, match="TensorRT takes symmetric int8 activations only"):
+        toolkit.quantize("quark", quantizers.options("quark", {"activation_type": "uint8"}), lite0_onnx, iter([calibration[:2]]), tmp_path / "trt", Phases(), target="tensorrt")

@@ -92,7 +92,8 @@ class Backend(ABC):
                 owners = [f"backend {b}" for b in BACKENDS if b != cls.name and name in {f.name for f in user_options(options_class(b))}]
                 owners += [f"quantizer {q}" for q in quantizers.QUANTIZERS if q != quantizer and name in quantizers.option_names(q)]
                 takes = ", ".join(mine) or "no options"
-                raise PtqError(f"{name} is an option of {' or '.join(owners) or '?'}, not of backend {cls.name} (which takes {takes}) or quantizer {quantizer}: drop it, or set backend or quantizer")
+                also = f"; quantizer {quantizer} takes {', '.join(sorted(quantizers.option_names(quantizer))) or 'none'}" if quantizer != quantizers.BUILT_IN else ""
+                raise PtqError(f"{name} is an option of {' or '.join(owners) or '?'}, not of {cls.name} (which takes {takes}{also}): drop it, or set backend or quantizer")
             if quantizer != quantizers.BUILT_IN and mine[name].metadata.get("quantizes"):
                 takes = ", ".join(sorted(quantizers.option_names(quantizer))) or "no options"
                 raise PtqError(f"{name} sets backend {cls.name}'s own INT8 quantization (quantizer=ort), not quantizer {quantizer}'s (which takes {takes}): drop it, or use quantizer=ort")

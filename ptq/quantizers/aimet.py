@@ -16,7 +16,8 @@ from ptq.options import option
 NAME = "aimet"
 DISTRIBUTION = "aimet-onnx"
 TENSORRT = True  # lays Q/DQ out as TensorRT takes it on request (symmetric signed activations, float network outputs)
-CALIB_METHODS = {"minmax": "min_max", "tf_enhanced": "tf_enhanced", "percentile": "percentile"}
+# (AIMET's percentile scheme is left out: aimet-onnx never sets a percentile, so it computes min-max, and it is deprecated)
+CALIB_METHODS = {"minmax": "min_max", "tf_enhanced": "tf_enhanced"}
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,8 @@ class Options:
     """AIMET's techniques and settings; defaults are AIMET's own (min-max, its per-channel default config)."""
 
     per_channel: bool = option(True, "Per-channel weight scales: true/false")
-    calib_method: str = option("minmax", "AIMET quant scheme: minmax, tf_enhanced (SQNR) or percentile")
-    cle: bool = option(False, "Cross-layer equalization (with batch-norm folding) before quantizing: true/false")
+    calib_method: str = option("minmax", "AIMET quant scheme (weights and activations): minmax or tf_enhanced (SQNR)")
+    cle: bool = option(False, "Cross-layer equalization before quantizing; AIMET folds batch norms and makes ReLU6 between convs ReLU, which changes the float network: true/false")
     adaround: bool = option(False, "AdaRound: learned rounding of the weights, layer by layer: true/false")
     seq_mse: bool = option(False, "Sequential MSE: weight ranges searched layer by layer: true/false")
     iterations: int = option(10000, "AdaRound optimisation iterations per layer")
@@ -36,6 +37,8 @@ class Options:
             raise PtqError(f"unknown calib_method {self.calib_method!r} for quantizer aimet: use one of {', '.join(CALIB_METHODS)}")
         if self.adaround and self.seq_mse:
             raise PtqError("adaround and seq_mse both set the weights' encodings: choose one")
+        if self.seq_mse and self.calib_method != "minmax":
+            raise PtqError(f"AIMET's sequential MSE needs the minmax quant scheme, not {self.calib_method}: use calib_method=minmax")
         if self.iterations < 1:
             raise PtqError(f"iterations={self.iterations} must be at least 1")
 
@@ -60,6 +63,7 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
     graph = onnx.load(str(model))
     name = graph.graph.input[0].name
     inputs = [{name: calibration[i : i + 1]} for i in range(len(calibration))]
+    clips = sum(n.op_type == "Clip" for n in graph.graph.node)
     if opts.cle:
         mark("cle")
         equalize_model(graph)
@@ -84,6 +88,7 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
     mark("calibrate")
     sim.compute_encodings(inputs)
     mark("write")
-    qdq = sim.to_onnx_qdq(prequantize_constants=True, force_activation_as="signed" if tensorrt else "unsigned")  # int8 weights in the file
+    # int8 weights in the file, but float weights behind Q -> DQ for TensorRT (8.x takes no int8 weight initializers)
+    qdq = sim.to_onnx_qdq(prequantize_constants=not tensorrt, force_activation_as="signed" if tensorrt else "unsigned")
     onnx.save(qdq, str(out))
-    return {"calibration_images": len(calibration)}
+    return {"calibration_images": len(calibration), "relu6_made_relu": clips - sum(n.op_type == "Clip" for n in graph.graph.node)}

@@ -20,15 +20,10 @@ DISTRIBUTION = "nncf"
 TENSORRT = False
 BIAS_CORRECTIONS = ("fast", "full", "none")
 PRESETS = ("performance", "mixed")
-# NNCF's progress bars (nncf.common.logging.track_progress.track) by description -> the technique each belongs to
-TRACKED = {
-    "Statistics collection": "calibrate",
-    "Applying Fast Bias correction": "bias_correction",
-    "Applying Bias correction": "bias_correction",
-    "Applying Smooth Quant": "smoothquant",
-    "Channel alignment": "channel_alignment",
-}
-
+# NNCF's algorithms by class -> ptq's phase while each applies (MinMaxQuantization inserts the Q/DQ: quantize). A
+# pipeline step collects its algorithms' statistics in one pass first: MinMax's with bias correction's (calibrate),
+# SmoothQuant's apart (smoothquant).
+APPLIES = {"SmoothQuant": "smoothquant", "MinMaxQuantization": "quantize", "FastBiasCorrection": "bias_correction", "BiasCorrection": "bias_correction"}
 
 @dataclass(frozen=True)
 class Options:
@@ -37,7 +32,7 @@ class Options:
     bias_correction: str = option("fast", "NNCF bias correction: fast (its default), full (fast_bias_correction=False) or none")
     per_channel: bool = option(True, "Per-channel weight scales: true/false")
     nncf_preset: str = option("performance", "NNCF preset: performance (symmetric activations) or mixed (asymmetric)")
-    smoothquant_alpha: float = option(0.0, "SmoothQuant's alpha for MatMul (NNCF applies it with model_type=transformer); 0 = off")
+    smoothquant_alpha: float = option(0.0, "SmoothQuant's alpha for MatMul/Gemm, 0 = off; NNCF applies it with model_type=transformer, which also leaves Add, pools and norms float")
 
     def validate(self) -> None:
         """Refuse unknown values before any work."""
@@ -50,24 +45,41 @@ class Options:
 
     def techniques(self) -> list[str]:
         """What these options apply, in NNCF's order."""
-        return [*(["smoothquant"] if self.smoothquant_alpha else []), "minmax", *([f"{self.bias_correction}_bias_correction"] if self.bias_correction != "none" else [])]
+        smooth = [f"smoothquant (alpha {self.smoothquant_alpha:g}, model_type=transformer)"] if self.smoothquant_alpha else []
+        return [*smooth, "minmax", *([f"{self.bias_correction}_bias_correction"] if self.bias_correction != "none" else [])]
 
 
 def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mark: Callable[[str], None], tensorrt: bool) -> dict[str, Any]:
-    """`nncf.quantize` on every calibration image (batch 1), its progress bars marking the techniques' phases."""
+    """`nncf.quantize` on every calibration image (batch 1); each step of NNCF's pipeline marks its phase, from the
+    statistics it collects to its apply."""
     import nncf
     import onnx
-    from nncf.common.logging import track_progress
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters, QuantizationParameters
+    from nncf.quantization.algorithms.bias_correction.algorithm import BiasCorrection
+    from nncf.quantization.algorithms.fast_bias_correction.algorithm import FastBiasCorrection
+    from nncf.quantization.algorithms.min_max.algorithm import MinMaxQuantization
+    from nncf.quantization.algorithms.pipeline import Pipeline, get_backend
+    from nncf.quantization.algorithms.smooth_quant.algorithm import SmoothQuant
 
-    original = track_progress.track.__iter__
+    def applying(cls: Any) -> None:
+        original = cls.apply
 
-    def tracked(self: Any) -> Any:
-        mark(TRACKED.get(self.description, "quantize"))
-        yield from original(self)
-        mark("quantize")
+        def apply(self: Any, *args: Any, **kwargs: Any) -> Any:
+            mark(APPLIES[cls.__name__])
+            return original(self, *args, **kwargs)
 
-    track_progress.track.__iter__ = tracked  # type: ignore[method-assign]
+        cls.apply = apply
+
+    for cls in (SmoothQuant, MinMaxQuantization, FastBiasCorrection, BiasCorrection):
+        applying(cls)
+    statistics = Pipeline.get_statistic_points_for_step
+
+    def collect(self: Any, step_index: int, model: Any, graph: Any) -> Any:
+        step = self._remove_unsupported_algorithms(get_backend(model))[step_index]
+        mark("smoothquant" if any(isinstance(a, SmoothQuant) for a in step) else "calibrate")
+        return statistics(self, step_index, model, graph)
+
+    Pipeline.get_statistic_points_for_step = collect  # type: ignore[method-assign]
     mark("quantize")
     graph = onnx.load(str(model))
     name = graph.graph.input[0].name
@@ -88,4 +100,9 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
     )
     mark("write")
     onnx.save(quantized, str(out))
-    return {"calibration_images": len(calibration)}
+    record: dict[str, Any] = {"calibration_images": len(calibration)}
+    if opts.bias_correction == "full":  # nncf/quantization/algorithms/post_training/pipeline.py: a fifth of the subset
+        record["bias_correction_images"] = max(int(len(calibration) * 0.2), 1)
+    if opts.smoothquant_alpha:
+        record["model_type"] = "transformer"
+    return record

@@ -16,7 +16,8 @@ from ptq.options import option
 NAME = "quark"
 DISTRIBUTION = "amd-quark"
 TENSORRT = True  # lays Q/DQ out as TensorRT takes it on request (no INT32 biases, float network outputs)
-CALIB_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "mse": "MinMSE", "entropy": "Entropy"}
+# (Quark's MinMSE is left out: it switches scales to powers of two, a different scheme, quark/onnx/quant_utils warns)
+CALIB_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 # Quark's algorithm names (its pre- and post-quantization hooks' `algorithm` argument) -> ptq's phase names
 ALGORITHMS = {"CLE": "cle", "SmoothQuant": "smoothquant", "BiasCorrection": "bias_correction"}
 
@@ -26,19 +27,25 @@ class Options:
     """Quark's techniques and their settings; defaults are Quark's own (Int8Spec: symmetric, per-tensor, percentile)."""
 
     per_channel: bool = option(False, "Per-channel weight scales: true/false")
-    calib_method: str = option("percentile", "Activation calibration: minmax, percentile, mse or entropy")
+    calib_method: str = option("percentile", "Activation calibration: minmax, percentile or entropy")
+    # int8: Quark's Int8Spec (symmetric); uint8: UInt8Spec (asymmetric), what ONNX Runtime's x86 kernels run fastest (u8s8)
+    activation_type: str = option("int8", "Quark activations: int8 (symmetric, its Int8Spec) or uint8 (asymmetric, UInt8Spec)")
     cle: bool = option(False, "Cross-layer equalization before quantizing: true/false")
     bias_correction: bool = option(False, "Bias correction after quantizing: true/false")
     adaround: bool = option(False, "AdaRound: learned rounding of the weights, layer by layer: true/false")
     adaquant: bool = option(False, "AdaQuant: learned weights (and rounding), layer by layer: true/false")
-    iterations: int = option(1000, "AdaRound/AdaQuant optimisation iterations per layer")
+    iterations: int = option(1000, "AdaRound/AdaQuant optimisation iterations per layer (Quark's AdaRound default; its AdaQuant's is 3000)")
 
     def validate(self) -> None:
         """Refuse unknown values and combinations before any work."""
         if self.calib_method not in CALIB_METHODS:
             raise PtqError(f"unknown calib_method {self.calib_method!r} for quantizer quark: use one of {', '.join(CALIB_METHODS)}")
+        if self.activation_type not in ("int8", "uint8"):
+            raise PtqError(f"unknown activation_type {self.activation_type!r} for quantizer quark: use int8 or uint8")
         if self.adaround and self.adaquant:
             raise PtqError("adaround and adaquant both fine-tune the weights after quantizing: choose one")
+        if self.bias_correction and self.calib_method not in ("minmax", "percentile"):  # Quark's bias correction re-calibrates
+            raise PtqError(f"Quark's bias correction works with calib_method minmax or percentile, not {self.calib_method}: change one")
         if self.iterations < 1:
             raise PtqError(f"iterations={self.iterations} must be at least 1")
 
@@ -93,7 +100,12 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
     mark("quantize")
     method = getattr(spec.CalibMethod, CALIB_METHODS[opts.calib_method])
     granularity = spec.QuantGranularity.Channel if opts.per_channel else spec.QuantGranularity.Tensor
-    layer = spec.QLayerConfig(activation=spec.Int8Spec(calibration_method=method), weight=spec.Int8Spec(calibration_method=spec.CalibMethod.MinMax, quant_granularity=granularity))
+    if tensorrt and opts.activation_type != "int8":
+        raise ValueError(f"activation_type={opts.activation_type}: TensorRT takes symmetric int8 activations only: use activation_type=int8")
+    if tensorrt and opts.bias_correction:  # it looks the float bias up among node outputs, where QuantizeBias=False leaves it
+        raise ValueError("Quark's bias correction needs quantized biases, which TensorRT does not take: drop bias_correction for backend tensorrt")
+    activation = (spec.Int8Spec if opts.activation_type == "int8" else spec.UInt8Spec)(calibration_method=method)
+    layer = spec.QLayerConfig(activation=activation, weight=spec.Int8Spec(calibration_method=spec.CalibMethod.MinMax, quant_granularity=granularity))
     algos: list[Any] = []
     if opts.cle:
         algos.append(algorithm.CLEConfig())
@@ -105,6 +117,8 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
         algos.append(algorithm.AdaQuantConfig(num_iterations=opts.iterations, batch_size=1, num_batches=1))
     graph = onnx.load(str(model), load_external_data=False).graph
     outputs = {o.name for o in graph.output}
-    extra = {"QuantizeBias": False, "OpTypesToExcludeOutputQuantization": sorted({n.op_type for n in graph.node if outputs & set(n.output)})} if tensorrt else {}
+    # for TensorRT: float biases, float weights behind Q -> DQ (TensorRT 8.x), no output Q/DQ on the op types that make the
+    # network's outputs (Quark excludes by op type: every Gemm of the network, here its one classifier)
+    extra = {"QuantizeBias": False, "AddQDQPairToWeight": True, "OpTypesToExcludeOutputQuantization": sorted({n.op_type for n in graph.node if outputs & set(n.output)})} if tensorrt else {}
     ModelQuantizer(QConfig(global_config=layer, algo_config=algos, **extra)).quantize_model(str(model), str(out), _Reader(graph.input[0].name, calibration))
     return {"calibration_images": len(calibration)}

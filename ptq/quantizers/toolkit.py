@@ -111,7 +111,8 @@ def describe(record: dict[str, Any]) -> str:
     kit = TOOLKITS[record["quantizer"]]
     scales = "per-channel" if record["settings"].get("per_channel") else "per-tensor"
     layout = ", laid out for TensorRT" if record.get("tensorrt") else ""
-    return f"int8 QDQ by {kit.distribution} {record['versions'].get(kit.distribution, '?')}: {', '.join(record['techniques'])}; {scales} weights{layout}"
+    changed = f"; CLE made {record['relu6_made_relu']} ReLU6 into ReLU: the float network changed" if record.get("relu6_made_relu") else ""
+    return f"int8 QDQ by {kit.distribution} {record['versions'].get(kit.distribution, '?')}: {', '.join(record['techniques'])}; {scales} weights{layout}{changed}"
 
 
 def make_env(name: str, root: Path | None = None) -> Path:
