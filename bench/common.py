@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ptq import bench, data, export, models
-
-from ptq.quantizers import ort as quantize
 from ptq.backends import Session
 from ptq.phases import Phases
+from ptq.quantizers import ort as quantize
 
 DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-1k"))
 WORK = Path(tempfile.mkdtemp(prefix="ptq-bench-"))

@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from ptq import bench, data, disk, doctor, export, models, prequantize, summary, tracking, worker
-
-from ptq import quantizers
+from ptq import bench, data, disk, doctor, export, models, prequantize, quantizers, summary, tracking, worker
 from ptq.quantizers import ort as quantize
 from ptq.quantizers import toolkit
 from ptq.backends import Backend, Compressed, CompressJob, Session, get_backend
@@ -45,7 +43,7 @@ def run(cfg: RunConfig, extra_tags: dict[str, str] | None = None, parent_run_id:
         raise PtqError(f"backend {cfg.backend} has no per-op profiler in ptq yet: use profile=false, or backend=ort")
     options = cfg.backend_options()
     technique = cfg.quantizer_options()
-    environment = toolkit.check(cfg.quantizer, backend.qdq_target) if cfg.quantizer != quantizers.BUILT_IN else ""
+    environment = toolkit.check(cfg.quantizer, backend.qdq_target, technique) if cfg.quantizer != quantizers.BUILT_IN else ""
     if environment and qdq is not None:
         raise PtqError(f"{qdq.path.name} is quantized already: give its FP32 model to quantize it with quantizer {cfg.quantizer}, or drop quantizer")
     if spec.onnx_path is not None:

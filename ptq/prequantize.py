@@ -70,7 +70,7 @@ def write(
     name, given = quantizers.parse_spec(technique)
     toolkit_options = quantizers.options(name, given) if name != quantizers.BUILT_IN else None
     if toolkit_options is not None:
-        toolkit.check(name, backend)
+        toolkit.check(name, backend, toolkit_options)
     if backend not in QUANTIZERS:
         raise PtqError(f"ptq quantize makes QDQ models for backend {' or '.join(QUANTIZERS)}, not {backend!r}")
     if out.suffix != ".onnx":

@@ -112,7 +112,6 @@ def test_keep_float_leaves_the_named_nodes_in_float_and_refuses_unknown_ones(lit
     import onnx
 
     from ptq import pipeline
-
     from ptq.quantizers import ort as quantize
     from ptq.config import RunConfig
     from ptq.errors import PtqError

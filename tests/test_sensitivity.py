@@ -12,7 +12,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ptq import sensitivity
-
 from ptq.quantizers import ort as quantize
 from ptq.backends.ort import open_session
 from ptq.errors import PtqError

@@ -49,6 +49,13 @@ class Options:
         if self.iterations < 1:
             raise PtqError(f"iterations={self.iterations} must be at least 1")
 
+    def check_target(self, tensorrt: bool) -> None:
+        """Refuse, before work, what Quark cannot lay out for TensorRT."""
+        if tensorrt and self.activation_type != "int8":
+            raise PtqError(f"activation_type={self.activation_type}: TensorRT takes symmetric int8 activations only: use activation_type=int8 for backend tensorrt")
+        if tensorrt and self.bias_correction:  # it looks the float bias up among node outputs, where QuantizeBias=False leaves it
+            raise PtqError("Quark's bias correction needs quantized biases, which TensorRT does not take: drop bias_correction for backend tensorrt")
+
     def techniques(self) -> list[str]:
         """What these options apply, in Quark's order."""
         names = [("cle", self.cle), (self.calib_method, True), ("bias_correction", self.bias_correction), ("adaround", self.adaround), ("adaquant", self.adaquant)]
@@ -100,10 +107,6 @@ def quantize(model: Path, calibration: np.ndarray, out: Path, opts: Options, mar
     mark("quantize")
     method = getattr(spec.CalibMethod, CALIB_METHODS[opts.calib_method])
     granularity = spec.QuantGranularity.Channel if opts.per_channel else spec.QuantGranularity.Tensor
-    if tensorrt and opts.activation_type != "int8":
-        raise ValueError(f"activation_type={opts.activation_type}: TensorRT takes symmetric int8 activations only: use activation_type=int8")
-    if tensorrt and opts.bias_correction:  # it looks the float bias up among node outputs, where QuantizeBias=False leaves it
-        raise ValueError("Quark's bias correction needs quantized biases, which TensorRT does not take: drop bias_correction for backend tensorrt")
     activation = (spec.Int8Spec if opts.activation_type == "int8" else spec.UInt8Spec)(calibration_method=method)
     layer = spec.QLayerConfig(activation=activation, weight=spec.Int8Spec(calibration_method=spec.CalibMethod.MinMax, quant_granularity=granularity))
     algos: list[Any] = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import sysconfig
 import venv
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,10 @@ import numpy as np
 from ptq.errors import PtqError
 from ptq.phases import Phases
 
-log = logging.getLogger(__name__)
-
 REQUIREMENTS = Path(__file__).parent / "requirements"
 LOG = "quantizer.log"  # the child's own output, in the run's work folder
 START_PHASE = "toolkit_start"  # the child's interpreter start and the toolkit's import, until its first technique
-TAIL_LINES = 5
+TAIL_LINES = 3  # of the child's output, in a failed run's one-line error
 
 
 @dataclass(frozen=True)
@@ -95,15 +92,22 @@ def _importable(module: str) -> bool:
         return False
 
 
-def check(name: str, target: str = "") -> str:
-    """Before any work: the environment that will run quantizer `name` for a backend wanting `target`'s Q/DQ layout
-    ("tensorrt" or "" for any), in words; one line naming the fix where there is none or the toolkit cannot lay Q/DQ out so."""
+def check(name: str, target: str = "", options: Any = None) -> str:
+    """Before any work: the environment that will run quantizer `name` (with `options`) for a backend wanting `target`'s
+    Q/DQ layout ("tensorrt" or "" for any), in words; one line naming the fix where there is none, or where the
+    toolkit cannot lay these options' Q/DQ out so."""
+    python, how = _python_for(name, target, options)
+    return f"{python} ({how})"
+
+
+def _python_for(name: str, target: str, options: Any) -> tuple[str, str]:
     kit = TOOLKITS[name]
     if target == "tensorrt" and not importlib.import_module(kit.adapter).TENSORRT:
         able = ", ".join(k for k, t in TOOLKITS.items() if importlib.import_module(t.adapter).TENSORRT)
         raise PtqError(f"quantizer {name} writes Q/DQ that TensorRT's rules refuse (uint8 and per-channel activations): use quantizer {able} or ort with backend tensorrt")
-    python, how = python_for(kit)
-    return f"{python} ({how})"
+    if hasattr(options, "check_target"):
+        options.check_target(target == "tensorrt")
+    return python_for(kit)
 
 
 def describe(record: dict[str, Any]) -> str:
@@ -141,8 +145,6 @@ class Quantized:
 
     path: Path
     record: dict[str, Any]
-    log: Path
-    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,7 @@ def quantize(
     runtime); each technique it announces becomes a phase of `phases`, `watch` is told its pid (the monitor samples it).
     A failed child fails the run with its last lines."""
     kit = TOOLKITS[name]
-    check(name, target)
-    python, how = python_for(kit)
+    python, how = _python_for(name, target, options)
     job = Job(kit.adapter, str(fp32), str(work / "calibration.npy"), str(work / "model_int8_qdq.onnx"), str(work / "quantizer_record.json"), asdict(options), target == "tensorrt")
     logfile = work / LOG
     read, write = os.pipe()
@@ -193,14 +194,14 @@ def quantize(
                 current.enter_context(phases(json.loads(line)["phase"]))
         code = child.wait()
         current.close()
-    if code:
-        tail = [ln for ln in logfile.read_text(errors="replace").splitlines() if ln.strip()][-TAIL_LINES:]
+    if code:  # its last lines, less the caret lines Python draws under the failing expression
+        tail = [ln.strip() for ln in logfile.read_text(errors="replace").splitlines() if ln.strip(" ^~\t")][-TAIL_LINES:]
         raise PtqError(f"quantizer {name} failed (exit {code}; {python}): {' | '.join(tail)[-600:]}: the whole log is {logfile.name} in the run")
     record = json.loads(Path(job.record).read_text())
     record["environment"] = f"{python} ({how})"
     if not qdq_nodes(Path(job.out)):
         raise PtqError(f"quantizer {name} wrote a model without QuantizeLinear/DequantizeLinear nodes: nothing was quantized (see {logfile.name})")
-    return Quantized(Path(job.out), record, logfile)
+    return Quantized(Path(job.out), record)
 
 
 def qdq_nodes(path: Path) -> int:
