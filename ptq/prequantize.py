@@ -117,13 +117,14 @@ def write(
     else:
         opts = quantize.QuantOptions(calib_method=calib_method)
         numerics = f"{quantize.describe(opts)}; {quantize.to_int8(fp32, out, batches(opts.calib_batch), opts, phases, ranges)}"
-    record = {
+    how: Dict[str, Any] = {"technique": made.record} if made else {"calib_method": calib_method}
+    record: Dict[str, Any] = {
         "quantizer": name if made else "ort-for-tensorrt" if backend == "tensorrt" else "ort",
         "backend": backend,
         "numerics": numerics,
         "fp32": fp32.name,
         "fp32_sha256": _sha256(fp32),
-        **({"technique": made.record} if made else {"calib_method": calib_method}),
+        **how,
         "calib_size": calib_size,
         "split_seed": split_seed,
         "calib_images": [dataset.files[i].name for i in calib_idx],

@@ -189,7 +189,7 @@ def test_ptq_quantize_makes_a_toolkits_qdq_file_a_device_runs(lite0_onnx: Path, 
     assert qdq.numerics() == "int8 QDQ by nncf 3.4.0: minmax, fast_bias_correction; per-tensor weights"
 
 
-@pytest.mark.parametrize("name", ["quark", "aimet"])
+@pytest.mark.parametrize("name", [pytest.param("quark", marks=pytest.mark.slow), "aimet"])  # CI's time: aimet by default
 def test_for_tensorrt_quark_and_aimet_lay_out_qdq_that_passes_tensorrts_rules(name: str, lite0_onnx: Path, calibration: np.ndarray, tmp_path: Path) -> None:
     from ptq import quantizers
     from ptq.quantizers import qdq_rules
@@ -209,6 +209,7 @@ def test_nncf_for_tensorrt_is_refused_before_work() -> None:
         toolkit.check("nncf", "tensorrt")
 
 
+@pytest.mark.slow  # four more Quark runs; the option's routing is tested above
 def test_quark_uint8_activations_are_asymmetric_uint8(lite0_onnx: Path, calibration: np.ndarray, tmp_path: Path) -> None:
     _toolkit("quark")
     made, _, _ = _quantize("quark", {"activation_type": "uint8", "calib_method": "minmax"}, lite0_onnx, calibration[:4], tmp_path)
