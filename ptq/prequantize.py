@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import onnx
 
 from ptq import data, export, models, quantizers
+from ptq.backends import backend_class
 from ptq.errors import PtqError
 from ptq.phases import Phases
 from ptq.quantizers import for_tensorrt, qdq_rules, toolkit
@@ -69,10 +70,11 @@ def write(
     the file a device without it runs."""
     name, given = quantizers.parse_spec(technique)
     toolkit_options = quantizers.options(name, given) if name != quantizers.BUILT_IN else None
-    if toolkit_options is not None:
-        toolkit.check(name, backend, toolkit_options)
     if backend not in QUANTIZERS:
         raise PtqError(f"ptq quantize makes QDQ models for backend {' or '.join(QUANTIZERS)}, not {backend!r}")
+    target = backend_class(backend).qdq_target  # the Q/DQ layout the device's backend needs
+    if toolkit_options is not None:
+        toolkit.check(name, target, toolkit_options)
     if out.suffix != ".onnx":
         raise PtqError(f"out={out} must end in .onnx")
     if calib_size < 1:
@@ -107,7 +109,7 @@ def write(
     made = None
     if toolkit_options is not None:
         with tempfile.TemporaryDirectory(prefix="ptq-quantize-") as work:
-            made = toolkit.quantize(name, toolkit_options, fp32, batches(1), Path(work), phases, target=backend if backend == "tensorrt" else "")
+            made = toolkit.quantize(name, toolkit_options, fp32, batches(1), Path(work), phases, target=target)
             shutil.move(str(made.path), out)
         if backend == "tensorrt":
             qdq_rules.require(out)
